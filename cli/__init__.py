@@ -1,0 +1,1 @@
+"""The ``moedd`` command line (Typer). Installed as ``moedd.cli``; thin layer over the library."""

@@ -1,0 +1,293 @@
+"""Typed configuration: one frozen pydantic model per ``params.yaml`` section.
+
+``load_params`` is the single entry point: it reads params.yaml, applies overrides (from the
+CLI), validates everything and returns a frozen :class:`Params`. Validation happens here,
+before any data is loaded or any network is built, so bad input costs one clear line and no
+compute. Checks that need the data (IPC larger than a shard's smallest class) live next to the
+data (``moedd.data.partition.check_ipc_fits``) and also run before any long computation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; its message is one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+
+class DataConfig(_Section):
+    """Where the real images come from (the ``prepare`` stage)."""
+
+    source: str = "cifar10"
+    """Registered dataset source: ``cifar10``, ``cifar100`` (torchvision) or ``imagefolder``."""
+    root: str = "data/raw"
+    """Download directory for torchvision sources; the folder holding train/ and test/ for imagefolder."""
+    download: bool = True
+    """Let torchvision download CIFAR when it is not in ``root`` yet."""
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        from moedd.data.sources import SOURCES
+
+        SOURCES.get(v)  # raises UnknownNameError with the choices
+        return v
+
+
+class PartitionConfig(_Section):
+    """How the training set is split into NoE disjoint, class-balanced shards."""
+
+    seed: int = 0
+
+
+class GridConfig(_Section):
+    """The experiments ``dvc repro`` runs: every expert method x every number of experts."""
+
+    experts: list[str] = ["random", "dm"]
+    noe: list[int] = [1, 2]
+
+    @field_validator("noe")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 1 for n in v):
+            raise ValueError("grid.noe must list numbers of experts >= 1")
+        return v
+
+
+class DistillConfig(_Section):
+    """Settings shared by every expert method (the ``distill`` stage)."""
+
+    budget: int = Field(10, ge=1)
+    """Images per class in the whole distilled set; each of NoE experts distills budget/NoE."""
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    net: str = "convnet3"
+    """The network whose features/gradients the experts match (ConvNet-3 in every paper here)."""
+    dcor_weight: float = Field(0.1, ge=0.0)
+    """λ of the distance-correlation diversity term between experts; 0 turns it off. [INFERRED]"""
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+
+    @field_validator("net")
+    @classmethod
+    def _known_net(cls, v: str) -> str:
+        from moedd.nets import NETS
+
+        NETS.get(v)
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _check_device(v)
+
+
+class RandomExpertConfig(_Section):
+    """Random real images of the expert's own shard (the baseline; no optimisation)."""
+
+    iterations: Literal[0] = 0
+
+
+class DMExpertConfig(_Section):
+    """Distribution matching (Zhao & Bilen, WACV 2023); defaults from algorithms.md §5.1."""
+
+    iterations: int = Field(20000, ge=0)
+    lr_img: float = Field(1.0, gt=0)
+    momentum: float = Field(0.5, ge=0, lt=1)
+    batch_real: int = Field(256, ge=1)
+    """Real images per class per iteration (drawn from the expert's own shard)."""
+    init: Literal["real", "noise"] = "real"
+    dsa_strategy: str = DSA_STRATEGY
+    bf16: bool = False
+    """Run the network forward under bfloat16 autocast (faster on CPUs/GPUs that have it)."""
+
+
+class ExpertsConfig(_Section):
+    """One section per registered expert method, holding that method's hyper-parameters."""
+
+    random: RandomExpertConfig = RandomExpertConfig()
+    dm: DMExpertConfig = DMExpertConfig()
+
+    def for_method(self, name: str) -> BaseModel:
+        from moedd.experts import EXPERTS
+
+        EXPERTS.get(name)
+        return getattr(self, name)
+
+
+class FusionConfig(_Section):
+    """How the experts' images are combined while a new network trains on them."""
+
+    kind: Literal["mixup", "none"] = "mixup"
+    p: float = Field(0.5, ge=0, le=1)
+    """Probability that a training sample is mixed with a same-class image of another expert."""
+    alpha: float = Field(1.0, gt=0)
+    """λ ~ Beta(alpha, alpha); 1.0 = uniform. [INFERRED]"""
+
+
+class EvaluateConfig(_Section):
+    """The one evaluation protocol used for every table (DSA protocol, algorithms.md §4)."""
+
+    nets: list[str] = ["convnet3", "vgg11", "resnet18", "alexnet"]
+    seeds: list[int] = [0, 1, 2, 3, 4]
+    epochs: int = Field(1000, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0005, ge=0)
+    batch_size: int = Field(256, ge=1)
+    dsa: bool = True
+    dsa_strategy: str = DSA_STRATEGY
+    test_batch_size: int = Field(1000, ge=1)
+    device: str = "auto"
+
+    @field_validator("nets")
+    @classmethod
+    def _known_nets(cls, v: list[str]) -> list[str]:
+        from moedd.nets import NETS
+
+        if not v:
+            raise ValueError("evaluate.nets must name at least one network")
+        for name in v:
+            NETS.get(name)
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("evaluate.seeds must be a non-empty list of distinct seeds")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _check_device(v)
+
+
+class MlflowConfig(_Section):
+    """Where runs are logged. Empty ``tracking_uri`` = SQLite at <repo root>/mlflow.db."""
+
+    tracking_uri: str = ""
+    experiment: str = "moedd"
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_file_store(cls, v: str) -> str:
+        if v and not v.startswith(("sqlite:", "http:", "https:", "postgresql", "mysql", "databricks")):
+            raise ValueError(
+                "mlflow.tracking_uri must be a database or server URI (e.g. sqlite:////abs/mlflow.db); "
+                "the file store is deprecated"
+            )
+        return v
+
+
+class Params(_Section):
+    """All of params.yaml."""
+
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    grid: GridConfig = GridConfig()
+    distill: DistillConfig = DistillConfig()
+    experts: ExpertsConfig = ExpertsConfig()
+    fusion: FusionConfig = FusionConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @model_validator(mode="after")
+    def _grid_consistent(self) -> "Params":
+        from moedd.experts import EXPERTS
+
+        for name in self.grid.experts:
+            EXPERTS.get(name)
+        for noe in self.grid.noe:
+            check_budget(self.distill.budget, noe)
+        return self
+
+
+def _check_device(v: str) -> str:
+    if v == "auto" or v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()):
+        return v
+    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not '{v}'")
+
+
+def check_budget(budget: int, noe: int) -> int:
+    """Return IPC per expert = budget / NoE, or raise ConfigError when it does not divide."""
+    if noe < 1:
+        raise ConfigError(f"the number of experts must be >= 1, not {noe}")
+    if budget % noe:
+        raise ConfigError(f"budget {budget} images/class is not divisible by NoE={noe}")
+    return budget // noe
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``dotted='a.b'``, creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{key}' is not a section")
+    node[leaf] = value
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read, override and validate the params file.
+
+    Args:
+        path: params.yaml to read; ``None`` or a missing file means all defaults.
+        overrides: dotted keys (``"experts.dm.iterations"``) to values, applied after reading;
+            ``None`` values are ignored so CLI options that were not given keep params.yaml values.
+
+    Returns:
+        The frozen, validated parameters.
+
+    Raises:
+        ConfigError: one line naming the offending key, for any invalid or unknown value.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None and Path(path).exists():
+        with open(path) as fh:
+            tree = yaml.safe_load(fh) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(tree, key, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "params"
+        msg = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"invalid {where}: {msg}") from None
+    except (ConfigError, KeyError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def flatten(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config model into ``{"section.key": value}`` for logging as MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in model.model_dump().items():
+        _flatten_into(out, f"{prefix}{key}", value)
+    return out
+
+
+def _flatten_into(out: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten_into(out, f"{key}.{k}", v)
+    else:
+        out[key] = value

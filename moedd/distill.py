@@ -1,0 +1,177 @@
+"""The distillation driver: builds the experts of one run, optimises them, checkpoints, resumes.
+
+``run_distillation`` is what the ``distill`` stage calls. It validates everything that can be
+validated (budget / NoE, IPC against the smallest class of every shard, data digests) before any
+optimisation, writes a checkpoint every ``checkpoint_every`` iterations (atomically), and, when
+started again with the same inputs, resumes from the checkpoint. Because all randomness of
+iteration ``it`` derives from (seed, it), a resumed run ends with exactly the images of an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moedd.config import ConfigError, Params, check_budget
+from moedd.data import Partition, Prepared, check_ipc_fits
+from moedd.experts import EXPERTS, DistillContext, ExpertMethod
+from moedd.synthetic import SyntheticMeta
+
+LogFn = Callable[[int, int, list[dict[str, float]]], None]
+"""Called as (iterations done, total, new metric rows) every ``log_every`` iterations."""
+
+
+@dataclass
+class DistillResult:
+    """Output of one run: images (NoE, C·IPC, ...), labels (C·IPC,), per-step metrics."""
+
+    images: Tensor
+    labels: Tensor
+    metas: list[SyntheticMeta]
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+
+class CheckpointMismatch(ConfigError):
+    """A checkpoint exists but was written for other inputs."""
+
+
+def build_method(name: str, params: Params, prepared: Prepared, partition: Partition, device: torch.device) -> ExpertMethod:
+    """Validate and construct the experts of method ``name`` on ``partition`` (no optimisation yet)."""
+    cls = EXPERTS.get(name)
+    ipc = check_budget(params.distill.budget, partition.noe)
+    if partition.data_digest and partition.data_digest != prepared.digest:
+        raise ConfigError("the partition was made from other data (digest differs); rerun `moedd partition`")
+    check_ipc_fits(partition, prepared.train_labels, prepared.num_classes, ipc)
+    images = prepared.train_images.to(device)
+    labels = prepared.train_labels.to(device)
+    ctx = DistillContext(
+        shard_images=[images[s.to(device)] for s in partition.shards],
+        shard_labels=[labels[s.to(device)] for s in partition.shards],
+        num_classes=prepared.num_classes, ipc=ipc, mean=prepared.mean, std=prepared.std,
+        device=device, net=params.distill.net, dcor_weight=params.distill.dcor_weight, seed=params.distill.seed,
+    )
+    return cls(params.experts.for_method(name), ctx)
+
+
+def fingerprint(name: str, params: Params, prepared: Prepared, partition: Partition) -> str:
+    """Identifies the inputs of a run: a checkpoint is only resumed for the same fingerprint."""
+    cfg = params.experts.for_method(name).model_dump()
+    d = params.distill.model_dump(exclude={"device", "checkpoint_every", "log_every"})
+    blob = json.dumps([name, cfg, d, prepared.digest, partition.digest], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: an interruption never leaves a half-written checkpoint
+
+
+def optimise(
+    method: ExpertMethod,
+    checkpoint: Path | None = None,
+    fp: str = "",
+    checkpoint_every: int = 100,
+    log_every: int = 10,
+    on_log: LogFn | None = None,
+) -> tuple[Tensor, list[dict[str, float]], int]:
+    """Run the method's iterations with periodic checkpoints.
+
+    Returns:
+        (final images (NoE, C·IPC, ...), metric history, iteration resumed from).
+    """
+    syn = method.init_images().detach().clone().requires_grad_(True)
+    method.setup(syn)
+    start, history = 0, []
+    if checkpoint is not None and checkpoint.exists():
+        ck = torch.load(checkpoint, map_location=syn.device, weights_only=True)
+        if ck["fingerprint"] != fp:
+            raise CheckpointMismatch(f"checkpoint {checkpoint} belongs to other inputs; delete it to start afresh")
+        with torch.no_grad():
+            syn.copy_(ck["syn"])
+        method.load_state_dict(ck["method"])
+        start, history = int(ck["iteration"]), list(ck["history"])
+    total, pending = method.iterations, []
+
+    def flush(done: int) -> None:
+        rows = [{"step": float(i), **{k: float(v) for k, v in m.items()}} for i, m in pending]
+        pending.clear()
+        history.extend(rows)
+        if on_log and rows:
+            on_log(done, total, rows)
+
+    if on_log and start:
+        on_log(start, total, [])
+    for it in range(start, total):
+        pending.append((it, method.step(syn, it)))  # tensors: no host sync inside the loop
+        done = it + 1
+        if done % log_every == 0 or done == total:
+            flush(done)
+        if checkpoint is not None and done % checkpoint_every == 0 and done < total:
+            flush(done)
+            _save_checkpoint(checkpoint, {
+                "fingerprint": fp, "iteration": done, "syn": syn.detach(),
+                "method": method.state_dict(), "history": history,
+            })
+    return syn.detach(), history, start
+
+
+def run_distillation(
+    name: str,
+    params: Params,
+    prepared: Prepared,
+    partition: Partition,
+    device: torch.device,
+    checkpoint_dir: Path | None = None,
+    on_log: LogFn | None = None,
+    git_commit: str = "",
+) -> DistillResult:
+    """Distill ``prepared`` with NoE = ``partition.noe`` experts of method ``name``.
+
+    Args:
+        name: registered expert method.
+        params: validated parameters (distill + experts.<name> are used).
+        prepared: the prepared dataset.
+        partition: NoE shards of the training set.
+        device: where to compute.
+        checkpoint_dir: where to keep the resumable checkpoint (None = no checkpoints).
+        on_log: progress/metrics callback.
+        git_commit: recorded in the metadata.
+    """
+    t0 = time.perf_counter()
+    method = build_method(name, params, prepared, partition, device)
+    fp = fingerprint(name, params, prepared, partition)
+    ckpt = checkpoint_dir / f"{name}-noe{partition.noe}-{fp}.pt" if checkpoint_dir else None
+    images, history, start = optimise(
+        method, ckpt, fp, params.distill.checkpoint_every, params.distill.log_every, on_log
+    )
+    labels = method.ctx.labels().cpu()
+    ipc = method.ctx.ipc
+    metas = [
+        SyntheticMeta(
+            method=name, expert=k, noe=partition.noe, ipc=ipc, budget=params.distill.budget,
+            classes=prepared.classes, image_shape=list(prepared.image_shape), space=method.space,  # type: ignore[arg-type]
+            mean=list(prepared.mean), std=list(prepared.std), decoding=method.decoding,
+            learned_lr=method.learned_lr(), data_digest=prepared.digest, partition_digest=partition.digest,
+            shard_size=len(partition.shards[k]), seed=params.distill.seed, iterations=method.iterations,
+            net=params.distill.net, git_commit=git_commit,
+            config={"distill": params.distill.model_dump(), name: params.experts.for_method(name).model_dump()},
+        )
+        for k in range(partition.noe)
+    ]
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
+    return DistillResult(images.cpu(), labels, metas, history, start, time.perf_counter() - t0)

@@ -1,0 +1,112 @@
+"""Cross-architecture tables from evaluation metrics, with the paper's numbers beside ours.
+
+Rows: (method, evaluation network); columns: IPCxNoE configurations grouped by budget (e.g.
+5x2 and 10x1 at budget 10). A cell reads ``ours mean ± std`` and, where the paper has the same
+setting (method, network, CIFAR-10/100, budget, IPCxNoE), ``paper X``. Numbers from different
+protocols are never mixed: each table states the protocol of the runs it shows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from moedd.nets import DISPLAY_NAMES
+from moedd.paper import paper_value
+
+_METHOD_ORDER = ["random", "dm", "idm", "idc", "mtt"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One evaluated (method, net, budget, IPC, NoE) result."""
+
+    method: str
+    net: str
+    budget: int
+    ipc: int
+    noe: int
+    mean: float
+    std: float
+    n: int
+    fusion: str
+    epochs: int
+    dataset: str | None
+
+    @property
+    def config(self) -> str:
+        return f"{self.ipc}x{self.noe}"
+
+    @property
+    def paper(self) -> float | None:
+        return paper_value(self.method, self.net, self.dataset, self.budget, self.ipc, self.noe)
+
+
+def collect(paths: list[Path]) -> list[Cell]:
+    """Read evaluate metrics JSON files into cells."""
+    cells = []
+    for p in paths:
+        d = json.loads(p.read_text())
+        for net, r in d.get("nets", {}).items():
+            cells.append(Cell(d["method"], net, int(d["budget"]), int(d["ipc"]), int(d["noe"]), float(r["mean"]),
+                              float(r["std"]), len(r.get("accs", [])), d.get("fusion", "?"), int(d.get("epochs", 0)),
+                              d.get("paper_dataset")))
+    return cells
+
+
+def _columns(cells: list[Cell]) -> list[tuple[int, str]]:
+    keys = {(c.budget, c.noe, c.ipc) for c in cells}
+    return [(b, f"{i}x{n}") for b, n, i in sorted(keys, key=lambda k: (k[0], -k[1]))]
+
+
+def _rows(cells: list[Cell]) -> list[tuple[str, str]]:
+    keys = {(c.method, c.net) for c in cells}
+    order = {m: i for i, m in enumerate(_METHOD_ORDER)}
+    net_order = {n: i for i, n in enumerate(["convnet3", "vgg11", "resnet18", "alexnet"])}
+    return sorted(keys, key=lambda k: (order.get(k[0], 99), k[0], net_order.get(k[1], 99), k[1]))
+
+
+def _cell_text(c: Cell | None) -> str:
+    if c is None:
+        return "—"
+    text = f"{c.mean:.2f} ± {c.std:.2f}"
+    return text + (f" (paper {c.paper:.2f})" if c.paper is not None else "")
+
+
+def _grid(cells: list[Cell]) -> tuple[list[str], list[list[str]]]:
+    cols = _columns(cells)
+    index = {(c.method, c.net, c.budget, c.config): c for c in cells}
+    header = ["Method", "Eval net"] + [f"b{b} {cfg}" for b, cfg in cols]
+    body = [
+        [method.upper(), DISPLAY_NAMES.get(net, net)] + [_cell_text(index.get((method, net, b, cfg))) for b, cfg in cols]
+        for method, net in _rows(cells)
+    ]
+    return header, body
+
+
+def protocol_line(cells: list[Cell]) -> str:
+    """One line naming the protocol(s) of the runs in the table."""
+    protos = sorted({f"{c.epochs} epochs, {c.n} seeds, fusion {c.fusion} (mixup only where NoE>1)" for c in cells})
+    return "Protocol: " + "; ".join(protos) + ". Accuracy in % on the full real test set, mean ± std over seeds."
+
+
+def render_markdown(cells: list[Cell]) -> str:
+    """The table as GitHub Markdown, with the protocol line."""
+    header, body = _grid(cells)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines) + "\n\n" + protocol_line(cells) + "\n"
+
+
+def render_table(cells: list[Cell]) -> Table:
+    """The table as a rich Table (the CLI prints it)."""
+    header, body = _grid(cells)
+    table = Table(title="Cross-architecture accuracy (%)", caption=protocol_line(cells))
+    for h in header:
+        table.add_column(h, justify="left" if h in ("Method", "Eval net") else "right")
+    for row in body:
+        table.add_row(*row)
+    return table

@@ -1,0 +1,160 @@
+"""The synthetic set format: one tensor file + one JSON metadata sidecar per expert.
+
+A synthetic set is a directory (a DVC output)::
+
+    expert-0.pt    {"images": float32 (C*IPC, ch, H, W), "labels": int64 (C*IPC,)}
+    expert-0.json  SyntheticMeta (method, expert index, IPC, space, decoding, digests, sha256)
+    expert-1.pt ...
+
+Images are stored in the space named by ``meta.space``: ``normalized`` ((x/255 − mean)/std with
+the mean/std kept in the metadata, so pixels can be recovered), ``pixel`` ([0,1]) or ``zca``.
+``sha256`` is the hash of the .pt file: a corrupted or swapped file is refused on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from moedd import __version__
+
+
+class SyntheticSetError(ValueError):
+    """A synthetic set is missing, corrupted or does not match the data it is evaluated on."""
+
+
+class SyntheticMeta(BaseModel):
+    """Metadata of one expert's synthetic images."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str
+    expert: int
+    noe: int
+    ipc: int
+    budget: int
+    classes: list[str]
+    image_shape: list[int]
+    space: Literal["normalized", "pixel", "zca"] = "normalized"
+    mean: list[float]
+    std: list[float]
+    decoding: str = "none"
+    """How stored images become training images (e.g. IDC/IDM's 2x2 multi-formation)."""
+    learned_lr: float | None = None
+    """Learning rate learned with the images (MTT); the evaluator uses it when set."""
+    data_digest: str
+    partition_digest: str = ""
+    shard_size: int = 0
+    seed: int = 0
+    iterations: int = 0
+    net: str = "convnet3"
+    code_version: str = __version__
+    git_commit: str = ""
+    sha256: str = ""
+    config: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    """All experts of one distillation run."""
+
+    images: list[Tensor]
+    labels: list[Tensor]
+    metas: list[SyntheticMeta]
+
+    @property
+    def meta(self) -> SyntheticMeta:
+        return self.metas[0]
+
+    @property
+    def noe(self) -> int:
+        return len(self.images)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_synthetic(out_dir: str | Path, images: list[Tensor], labels: list[Tensor], metas: list[SyntheticMeta]) -> None:
+    """Write every expert's images and metadata into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (x, y, meta) in enumerate(zip(images, labels, metas, strict=True)):
+        pt = out / f"expert-{k}.pt"
+        torch.save({"images": x.detach().float().cpu().contiguous(), "labels": y.cpu()}, pt)
+        sealed = meta.model_copy(update={"sha256": _sha256(pt)})
+        (out / f"expert-{k}.json").write_text(sealed.model_dump_json(indent=2))
+
+
+def load_synthetic(path: str | Path) -> SyntheticSet:
+    """Read and verify a synthetic set directory.
+
+    Raises:
+        SyntheticSetError: missing files, a hash mismatch, or experts that disagree on method,
+            space, classes or shape.
+    """
+    p = Path(path)
+    metas_files = sorted(p.glob("expert-*.json"), key=lambda f: int(f.stem.split("-")[1]))
+    if not metas_files:
+        raise SyntheticSetError(f"{p} holds no synthetic set (no expert-*.json); run `moedd distill` first")
+    images, labels, metas = [], [], []
+    for mf in metas_files:
+        meta = SyntheticMeta.model_validate_json(mf.read_text())
+        pt = mf.with_suffix(".pt")
+        if not pt.exists():
+            raise SyntheticSetError(f"{pt} is missing")
+        if meta.sha256 and _sha256(pt) != meta.sha256:
+            raise SyntheticSetError(f"{pt} does not match the sha256 in its metadata (corrupted or replaced)")
+        d = torch.load(pt, weights_only=True)
+        images.append(d["images"])
+        labels.append(d["labels"])
+        metas.append(meta)
+    first = metas[0]
+    for m in metas[1:]:
+        for field in ("method", "space", "classes", "image_shape", "decoding", "data_digest"):
+            if getattr(m, field) != getattr(first, field):
+                raise SyntheticSetError(f"experts of {p} disagree on {field}")
+    return SyntheticSet(images, labels, metas)
+
+
+def check_matches(syn: SyntheticSet, classes: list[str], image_shape: tuple[int, ...], data_digest: str | None = None) -> None:
+    """Refuse to evaluate a set whose classes or image shape differ from the test data."""
+    m = syn.meta
+    if m.classes != list(classes):
+        raise SyntheticSetError(
+            f"the synthetic set's classes ({len(m.classes)}: {m.classes[:3]}...) differ from the test data's "
+            f"({len(classes)}: {list(classes)[:3]}...)"
+        )
+    if tuple(m.image_shape) != tuple(image_shape):
+        raise SyntheticSetError(f"synthetic image shape {tuple(m.image_shape)} differs from the test data's {tuple(image_shape)}")
+    if m.space == "zca":
+        raise SyntheticSetError("ZCA-space synthetic sets need the ZCA transform of their metadata; not supported by this evaluator yet")
+    if data_digest is not None and m.data_digest and m.data_digest != data_digest:
+        raise SyntheticSetError("the synthetic set was distilled from different data (prepared digest differs)")
+
+
+def to_pixels(images: Tensor, meta: SyntheticMeta) -> Tensor:
+    """Map stored images back to [0, 1] pixels (for grids and inspection)."""
+    if meta.space == "pixel":
+        return images.clamp(0, 1)
+    if meta.space == "normalized":
+        mean = torch.tensor(meta.mean).view(1, -1, 1, 1)
+        std = torch.tensor(meta.std).view(1, -1, 1, 1)
+        return (images * std + mean).clamp(0, 1)
+    raise SyntheticSetError(f"cannot map space '{meta.space}' back to pixels")
+
+
+def metadata_json(meta: SyntheticMeta) -> dict[str, Any]:
+    """The metadata as a plain dict (for MLflow)."""
+    return json.loads(meta.model_dump_json())

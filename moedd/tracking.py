@@ -1,0 +1,191 @@
+"""MLflow tracking with lineage: one parent run per pipeline run, child runs per stage/expert/net.
+
+Store: SQLite at an absolute path (never the deprecated file store; MLflow 3.17 raises on it).
+Default ``sqlite:///<project root>/mlflow.db`` with artifacts in ``<project root>/mlartifacts``,
+where the project root is ``$DVC_ROOT`` when DVC runs the stage (queued experiments run in a
+temporary copy that is deleted afterwards: a CWD-relative store would lose their runs), else
+the git top level, else the CWD. ``$MLFLOW_TRACKING_URI`` or ``mlflow.tracking_uri`` override it.
+
+Lineage: every run is tagged with the git commit and dirty flag and the DVC experiment name,
+baseline and stage; inputs (prepared data, partitions, synthetic sets) are logged as MLflow
+dataset inputs whose digest is the md5 DVC recorded in dvc.lock (our own digest when the
+command runs outside DVC).
+
+Parent runs: stages run as separate processes, so the parent is found again by the tag
+``moedd.pipeline``: the DVC experiment name when there is one, else a hash of the git commit
+and params.yaml. Creation of the database and of parents is serialised with a file lock
+(parallel workers initialising a fresh SQLite store race; ecosystem.md S4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import subprocess
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moedd.config import MlflowConfig, Params, flatten
+
+PIPELINE_TAG = "moedd.pipeline"
+
+
+def project_root() -> Path:
+    """The repository root that owns the MLflow store (see module docstring)."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+        return Path(out.stdout.strip()).resolve()
+    except (OSError, subprocess.CalledProcessError):
+        return Path.cwd().resolve()
+
+
+def tracking_uri(cfg: MlflowConfig) -> str:
+    """$MLFLOW_TRACKING_URI, else ``mlflow.tracking_uri``, else SQLite under the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def _lock_path(uri: str) -> Path:
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///") + ".lock")
+    return project_root() / ".moedd" / "mlflow.lock"
+
+
+@contextlib.contextmanager
+def _locked(uri: str) -> Iterator[None]:
+    path = _lock_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def init_tracking(cfg: MlflowConfig) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    with _locked(uri):
+        exp = mlflow.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            artifacts = (project_root() / "mlartifacts").as_uri()
+            exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+        else:
+            exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def git_commit() -> str:
+    """HEAD of the repository in the CWD ('' outside git)."""
+    return _git("rev-parse", "HEAD")
+
+
+def lineage_tags() -> dict[str, str]:
+    """Code and experiment identity, set explicitly (MLflow misses it for console scripts, S6/S7)."""
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    tags = {"git_commit": git_commit(), "git_dirty": str(bool(dirty)).lower()}
+    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev"), ("DVC_STAGE", "dvc.stage")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def pipeline_key(params: Params) -> str:
+    """Identity of the pipeline run the current stage belongs to."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
+    blob = git_commit() + yaml.safe_dump(params.model_dump(), sort_keys=True)
+    return "run-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def parent_run_id(params: Params) -> str:
+    """Find or create the parent run of this pipeline run (under the lock)."""
+    import mlflow
+
+    key = pipeline_key(params)
+    exp_id = init_tracking(params.mlflow)
+    with _locked(tracking_uri(params.mlflow)):
+        found = mlflow.search_runs(
+            experiment_ids=[exp_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", output_format="list", max_results=1
+        )
+        if found:
+            return found[0].info.run_id
+        with mlflow.start_run(run_name=key, tags={PIPELINE_TAG: key, **lineage_tags()}) as run:
+            mlflow.log_params(flatten(params))
+        return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(params: Params, run_name: str, stage_params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """A run for one stage invocation, nested under the pipeline's parent run."""
+    import mlflow
+
+    pid = parent_run_id(params)
+    all_tags = {PIPELINE_TAG: pipeline_key(params), **lineage_tags(), **(tags or {})}
+    with mlflow.start_run(run_name=run_name, parent_run_id=pid, nested=True, tags=all_tags) as run:
+        mlflow.log_params(stage_params)
+        yield run
+
+
+@contextlib.contextmanager
+def child_run(run_name: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """A child of the active run (one per expert or per evaluated network)."""
+    import mlflow
+
+    with mlflow.start_run(run_name=run_name, nested=True, tags=tags) as run:
+        if params:
+            mlflow.log_params(params)
+        yield run
+
+
+def dvc_md5(path: str | Path, lock_file: str | Path = "dvc.lock") -> str | None:
+    """The md5 DVC recorded for ``path`` (an out of any stage) in dvc.lock, if any."""
+    lock = Path(lock_file)
+    if not lock.exists():
+        return None
+    data = yaml.safe_load(lock.read_text()) or {}
+    target = Path(path).as_posix().rstrip("/")
+    for stage in (data.get("stages") or {}).values():
+        for entry in (stage.get("outs") or []) + (stage.get("deps") or []):
+            if Path(entry.get("path", "")).as_posix().rstrip("/") == target and entry.get("md5"):
+                return str(entry["md5"])
+    return None
+
+
+def log_input(path: str | Path, name: str, context: str, fallback_digest: str) -> str:
+    """Log ``path`` as a dataset input of the active run; returns the digest used.
+
+    The digest is DVC's md5 of the path when dvc.lock records it, else ``fallback_digest``.
+    """
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    md5 = dvc_md5(path)
+    digest = md5 or fallback_digest
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": harmless
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(Path(path).resolve()))
+    ds = MetaDataset(source=source, name=name, digest=digest[:36])
+    mlflow.log_input(ds, context=context, tags={"path": str(path), "digest_kind": "dvc-md5" if md5 else "moedd-sha256"})
+    mlflow.set_tag(f"lineage.{context}.{name}", digest)
+    return digest

@@ -1,0 +1,109 @@
+"""Unit tests for moedd.nets: shapes, embed/classifier contract, gradients, parameter counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moedd.nets import DISPLAY_NAMES, NetProtocol, create_net, list_nets
+from moedd.registry import UnknownNameError
+
+ALL = list_nets()
+
+# algorithms.md §2.6 (C=10, C=100)
+PARAM_COUNTS = {
+    "convnet3": (320_010, 504_420),
+    "convnet4": (452_490, 498_660),
+    "alexnet": (1_872_202, 2_148_772),
+    "vgg11": (9_231_114, 9_277_284),
+    "resnet18": (11_173_962, 11_220_132),
+}
+
+
+def n_params(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def test_registry_contents() -> None:
+    assert set(ALL) == set(DISPLAY_NAMES)
+    assert list_nets("convnet*") == ["convnet3", "convnet3_bn", "convnet4"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_embed_grad(name: str) -> None:
+    torch.manual_seed(0)
+    net = create_net(name, num_classes=10).train()
+    assert isinstance(net, NetProtocol)
+    x = torch.randn(4, 3, 32, 32)
+    out = net(x)
+    assert out.shape == (4, 10)
+    assert torch.isfinite(out).all()
+    feat = net.embed(x)
+    assert feat.ndim == 2 and feat.shape == (4, net.classifier.in_features)
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(net(x[:2]), net.classifier(net.embed(x[:2])), atol=1e-6)
+    net.train()
+    net.zero_grad()
+    net(x).sum().backward()
+    for pname, p in net.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_num_classes_override_and_batch2(name: str) -> None:
+    net = create_net(name, num_classes=7).eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+def test_param_counts(name: str) -> None:
+    for c, expected in zip((10, 100), PARAM_COUNTS[name]):
+        assert n_params(create_net(name, num_classes=c)) == expected
+
+
+@pytest.mark.parametrize("name", ["convnet3", "vgg11", "resnet18"])
+def test_bn_variant_same_count(name: str) -> None:
+    assert n_params(create_net(f"{name}_bn", 10)) == n_params(create_net(name, 10))
+
+
+def test_alexnet_bn_adds_affine_params() -> None:
+    extra = 2 * (128 + 192 + 256 + 192 + 192)
+    assert n_params(create_net("alexnet_bn", 10)) == n_params(create_net("alexnet", 10)) + extra
+
+
+def test_unknown_name() -> None:
+    with pytest.raises(UnknownNameError) as err:
+        create_net("convnet99", 10)
+    msg = str(err.value)
+    assert "convnet99" in msg and "convnet3" in msg and "resnet18" in msg
+
+
+@pytest.mark.parametrize("name", ["convnet3", "resnet18_bn"])
+def test_seeded_init_is_deterministic(name: str) -> None:
+    torch.manual_seed(0)
+    a = create_net(name, 10)
+    torch.manual_seed(0)
+    b = create_net(name, 10)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_channels_last_matches_contiguous() -> None:
+    torch.manual_seed(0)
+    net = create_net("convnet3", 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+        out = net(x.to(memory_format=torch.channels_last))
+    assert torch.allclose(ref, out, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, dim", [(28, 2048), (64, 128 * 8 * 8)])
+def test_convnet_other_sizes(size: int, dim: int) -> None:
+    net = create_net("convnet3", 10, channels=1, image_size=size).eval()
+    with torch.no_grad():
+        feat = net.embed(torch.randn(2, 1, size, size))
+    assert feat.shape == (2, dim) and net(torch.randn(2, 1, size, size)).shape == (2, 10)
