@@ -113,6 +113,9 @@ class DMExpertConfig(_Section):
     dsa_strategy: str = DSA_STRATEGY
     bf16: bool = False
     """Run the network forward under bfloat16 autocast (faster on CPUs/GPUs that have it)."""
+    real_chunk: int = Field(0, ge=0)
+    """Images per no-grad forward of the real batch (speed/memory only); 0 = auto: 128 on CPU
+    (keeps activations cache- and allocator-friendly), the whole batch on CUDA."""
 
 
 class ExpertsConfig(_Section):

@@ -63,14 +63,17 @@ class DistributionMatching(ExpertMethod):
         unit_real = torch.arange(c, device=ctx.device).repeat_interleave(n_real).repeat(ctx.noe)
         unit_syn = torch.arange(c, device=ctx.device).repeat_interleave(ctx.ipc).repeat(ctx.noe)
         cl = torch.channels_last
+        chunk = self.cfg.real_chunk or (128 if ctx.device.type == "cpu" else len(real))
         with torch.no_grad(), _autocast(ctx.device, self.cfg.bf16):
-            f_real = net.embed(self.dsa.siamese(real, unit_real, c, gen).contiguous(memory_format=cl))
+            aug = self.dsa.siamese(real, unit_real, c, gen).contiguous(memory_format=cl)
+            f_real = torch.cat([net.embed(aug[i : i + chunk]).float() for i in range(0, len(aug), chunk)])
         gen.set_state(state)
         with _autocast(ctx.device, self.cfg.bf16):
             f_syn = net.embed(self.dsa.siamese(syn, unit_syn, c, gen).contiguous(memory_format=cl))
         return f_real.float(), f_syn.float()
 
-    def step(self, syn: Tensor, it: int) -> Mapping[str, Tensor]:
+    def objective(self, syn: Tensor, it: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of iteration ``it`` (differentiable w.r.t. ``syn``) and its parts."""
         ctx, c = self.ctx, self.ctx.num_classes
         net = frozen_random_net(ctx, it)
         gen = ctx.generator(it, stream=3)
@@ -88,11 +91,15 @@ class DistributionMatching(ExpertMethod):
         loss = per_expert.sum()
         dcor = expert_dcor_loss(f_syn) if ctx.dcor_weight > 0 else loss.new_zeros(())
         total = loss + ctx.dcor_weight * dcor
+        out = {"loss": total.detach(), "match": loss.detach(), "dcor": dcor.detach()}
+        out.update({f"match_e{k}": per_expert[k].detach() for k in range(ctx.noe)})
+        return total, out
+
+    def step(self, syn: Tensor, it: int) -> Mapping[str, Tensor]:
+        total, out = self.objective(syn, it)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         self.opt.step()
-        out = {"loss": total.detach(), "match": loss.detach(), "dcor": dcor.detach()}
-        out.update({f"match_e{k}": per_expert[k].detach() for k in range(ctx.noe)})
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,106 @@
+"""The Typer CLI: the stage commands on tiny data, MLflow runs, one-line user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from moedd.cli.main import app
+
+runner = CliRunner()
+
+
+def _params_file(tmp_path: Path, folder: Path, uri: str) -> Path:
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump({
+        "data": {"source": "imagefolder", "root": str(folder)},
+        "distill": {"budget": 4, "log_every": 1},
+        "experts": {"dm": {"iterations": 2, "batch_real": 8}},
+        "evaluate": {"nets": ["convnet3", "alexnet"], "seeds": [0, 1], "epochs": 2, "test_batch_size": 64},
+        "mlflow": {"tracking_uri": uri},
+    }))
+    return f
+
+
+def _ok(args: list[str]):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_stage_commands_end_to_end(tiny_folder: Path, tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    _params_file(tmp_path, tiny_folder, mlflow_uri)
+    _ok(["prepare", "--out", "data/prepared"])
+    _ok(["partition", "--noe", "2"])
+    assert Path("data/partitions/noe2.pt").exists()
+    _ok(["distill", "--expert", "dm", "--noe", "2", "--metrics", "m/d.json", "--plots", "p/d.csv"])
+    summary = json.loads(Path("m/d.json").read_text())
+    assert summary["ipc"] == 2 and summary["noe"] == 2 and summary["iterations"] == 2
+    assert Path("p/d.csv").read_text().splitlines()[0] == "step,loss,match,dcor"
+    _ok(["evaluate", "--synthetic", "data/synthetic/dm-noe2", "--metrics", "metrics/evaluate/dm-noe2.json"])
+    ev = json.loads(Path("metrics/evaluate/dm-noe2.json").read_text())
+    assert set(ev["nets"]) == {"convnet3", "alexnet"} and len(ev["nets"]["convnet3"]["accs"]) == 2
+    assert ev["fusion"] == "mixup"
+    out = _ok(["report", "--out", "reports/table.md"]).output
+    assert "ConvNet-3" in out and "2x2" in out
+    assert "| DM | AlexNet |" in Path("reports/table.md").read_text()
+    shown = _ok(["show", "data/synthetic/dm-noe2", "--out", "grids"]).output
+    assert "expert-1.png" in shown and Path("grids/expert-0.png").stat().st_size > 0
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["moedd"], output_format="list")
+    names = {r.info.run_name for r in runs}
+    assert {"distill dm 2x2", "evaluate dm 2x2", "expert 0", "expert 1", "ConvNet-3", "AlexNet"} <= names
+    parents = {r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert len(parents) == 1  # one pipeline run holds everything
+    distill_run = next(r for r in runs if r.info.run_name == "distill dm 2x2")
+    assert distill_run.data.tags["mlflow.parentRunId"] in parents
+    assert "git_commit" in distill_run.data.tags and distill_run.data.params["ipc"] == "2"
+    history = mlflow.MlflowClient().get_metric_history(distill_run.info.run_id, "loss")
+    assert [m.step for m in history] == [0, 1]
+    expert0 = next(r for r in runs if r.info.run_name == "expert 0")
+    assert expert0.data.tags["mlflow.parentRunId"] == distill_run.info.run_id
+    arts = [a.path for a in mlflow.MlflowClient().list_artifacts(expert0.info.run_id, "grids")]
+    assert arts == ["grids/expert-0.png"]
+    evaluate_run = next(r for r in runs if r.info.run_name == "evaluate dm 2x2")
+    assert "acc_mean.convnet3" in evaluate_run.data.metrics
+    assert evaluate_run.inputs.dataset_inputs  # lineage: synthetic set + prepared data
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["distill", "--expert", "dm", "--noe", "3"], "not divisible by NoE=3"),
+        (["distill", "--expert", "gm", "--noe", "2"], "unknown expert 'gm'"),
+        (["distill", "--expert", "dm", "--noe", "2", "-S", "experts.dm.iterations=-5"], "experts.dm.iterations"),
+        (["distill", "--expert", "dm", "--noe", "2", "--budget", "40"], "larger than the smallest class"),
+        (["evaluate", "--synthetic", "nowhere"], "no synthetic set"),
+        (["evaluate", "--synthetic", "x", "--nets", "convnet3,lenet9"], "unknown network 'lenet9'"),
+        (["partition", "--noe", "2", "--prepared", "missing"], "run `moedd prepare` first"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_1(
+    args: list[str], fragment: str, tiny_folder: Path, tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _params_file(tmp_path, tiny_folder, mlflow_uri)
+    if args[0] == "distill":
+        _ok(["prepare", "--out", "data/prepared"])
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0]
+    assert result.output.rstrip().endswith(errors[0].rstrip())  # the error is the last word
+
+
+def test_list_shows_registries() -> None:
+    out = _ok(["list"]).output
+    assert "dm" in out and "resnet18" in out and "imagefolder" in out

@@ -1,0 +1,125 @@
+"""End to end: the real `dvc repro` in a temporary repository on tiny data, with MLflow lineage,
+caching (a second repro is a no-op), a push to the local remote, and queued experiments that
+lose no MLflow runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A git+DVC repository with this project's pipeline and tiny params; `dvc repro` already run."""
+    root = tmp_path_factory.mktemp("pipeline") / "repo"
+    root.mkdir()
+    shutil.copytree(REPO / "moedd", root / "moedd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"] = {"source": "imagefolder", "root": str(tiny_folder), "download": False}
+    params["grid"] = {"experts": ["dm"], "noe": [2, 1]}
+    params["distill"].update({"budget": 4, "log_every": 1, "checkpoint_every": 2})
+    params["experts"]["dm"].update({"iterations": 2, "batch_real": 8})
+    params["evaluate"].update({"nets": ["convnet3"], "seeds": [0], "epochs": 2, "test_batch_size": 64})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".gitignore").write_text("/mlflow.db\n/mlflow.db.lock\n/mlartifacts/\n/.moedd/\n/storage/\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"],
+                ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                ["dvc", "remote", "add", "-d", "local", str(root / "storage")],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "tiny pipeline"]):
+        _run(cmd, root, env)
+    _run(["dvc", "repro"], root, env)
+    return root, env
+
+
+def _runs(root: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["moedd"], output_format="list")
+
+
+def test_repro_produces_every_stage_output(repo) -> None:
+    root, _ = repo
+    for name in ("dm-noe2", "dm-noe1"):
+        assert (root / "data/synthetic" / name / "expert-0.json").exists()
+        assert (root / "metrics/evaluate" / f"{name}.json").exists()
+        assert (root / "plots/distill" / f"{name}.csv").exists()
+    assert (root / "data/synthetic/dm-noe2/expert-1.pt").exists()
+    table = (root / "reports/table.md").read_text()
+    assert "| DM | ConvNet-3 |" in table and "b4 2x2" in table and "b4 4x1" in table
+
+
+def test_second_repro_is_a_no_op(repo) -> None:
+    root, env = repo
+    out = _run(["dvc", "repro"], root, env)
+    assert "Running stage" not in out
+    assert "up to date" in _run(["dvc", "status"], root, env)
+
+
+def test_mlflow_holds_the_runs_with_dvc_lineage(repo) -> None:
+    root, _ = repo
+    runs = _runs(root)
+    by_name = {r.info.run_name: r for r in runs}
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    distill = by_name["distill dm 2x2"]
+    assert distill.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert distill.data.tags["dvc.stage"] == "distill@dm-2"
+    part_md5 = next(o["md5"] for o in lock["partition@2"]["outs"])
+    assert distill.data.tags["lineage.partition.partition-noe2"] == part_md5
+    evaluate = by_name["evaluate dm 2x2"]
+    syn_md5 = next(o["md5"] for o in lock["distill@dm-2"]["outs"])
+    assert evaluate.data.tags["lineage.synthetic.synthetic-dm-noe2"] == syn_md5
+    digests = {d.dataset.digest for d in evaluate.inputs.dataset_inputs}
+    assert syn_md5 in digests
+    assert {"expert 0", "expert 1", "ConvNet-3"} <= set(by_name)
+    assert by_name["ConvNet-3"].data.metrics["test_acc_mean"] >= 0
+
+
+def test_push_to_the_local_remote(repo) -> None:
+    root, env = repo
+    _run(["dvc", "push"], root, env)
+    assert any((root / "storage").rglob("*"))
+    assert _run(["dvc", "status", "-c", "-q"], root, env).strip()
+
+
+def test_queued_experiments_lose_no_mlflow_runs(repo) -> None:
+    root, env = repo
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "lock", "--allow-empty"], root, env)
+    for name, seed in (("qa", 5), ("qb", 6)):
+        _run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"evaluate.seeds=[{seed}]"], root, env)
+    _run(["dvc", "queue", "start", "-j", "2"], root, env)
+    deadline = time.time() + 540
+    while time.time() < deadline:
+        status = _run(["dvc", "queue", "status"], root, env)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert "Failed" not in status, _run(["dvc", "queue", "logs", "qa"], root, env)
+    runs = _runs(root)
+    for name in ("qa", "qb"):
+        exp_runs = [r for r in runs if r.data.tags.get("dvc.exp_name") == name]
+        names = {r.info.run_name for r in exp_runs}
+        assert {"evaluate dm 2x2", "evaluate dm 4x1"} <= names, (name, names)
