@@ -14,7 +14,7 @@ Without ``--reference-dc`` only our numbers are printed.
 
 Usage::
 
-    python benchmarks/bench.py --reference-dc /tmp/dc-ref            # full (~6 min on 2 CPU cores)
+    python benchmarks/bench.py --reference-dc /tmp/dc-ref            # full (~4.5 min on 2 CPU cores)
     python benchmarks/bench.py --reference-dc /tmp/dc-ref --quick    # ~1 min
     python benchmarks/bench.py --json bench.json --device cuda
 
@@ -265,9 +265,9 @@ def ref_test_pass(U: types.ModuleType, net: torch.nn.Module, loader: Any, device
 # ---------------------------------------------------------------------------------------- ours
 
 
-def our_params(noe_budget: int, bf16: bool, epochs: int = 1):
+def our_params(budget: int, bf16: bool, epochs: int = 1):
     return load_params(None, {
-        "experts.dm.batch_real": 256, "experts.dm.bf16": bf16, "distill.budget": noe_budget,
+        "experts.dm.batch_real": 256, "experts.dm.bf16": bf16, "distill.budget": budget,
         "evaluate.epochs": epochs,
     })
 
@@ -350,34 +350,39 @@ def synthetic_training_set(device: torch.device, seed: int = 1) -> tuple[Trainin
 def bench_train(device: torch.device, U: types.ModuleType | None, nets: list[str], epochs: int, goal: float) -> list[Row]:
     """Evaluation training: per-epoch times of ``train_network`` vs the reference ``epoch('train')``.
 
-    Each side trains one fresh network for 1 + ``epochs`` epochs; the first epoch (which also
-    builds the network and warms up) is dropped and the median of the others is reported.
-    Sides alternate per network.
+    The timed epochs are split into blocks (2 when ``epochs`` >= 4, else 1); in every block each
+    side trains one fresh network for 1 + ``epochs/blocks`` epochs, ours then the reference. The
+    first epoch of a block (which also builds the network and warms up) is dropped; the median of
+    all other epochs is reported.
     """
     rows = []
     data, images, labels = synthetic_training_set(device)
-    params = our_params(10, False, epochs=epochs + 1)
-    cfg, fusion = params.evaluate, params.fusion
+    blocks = 2 if epochs >= 4 else 1
+    per_block = [epochs // blocks + (1 if b < epochs % blocks else 0) for b in range(blocks)]
     for name in nets:
         log(f"train epoch, {name}")
         row = Row("train", f"eval train epoch, {name} (100 img)", "epochs/s", goal=goal)
-        stamps: list[float] = []
+        for n_ep in per_block:
+            params = our_params(10, False, epochs=n_ep + 1)
+            stamps: list[float] = []
 
-        def on_epoch(_e: int) -> None:
+            def on_epoch(_e: int) -> None:
+                _sync(device)
+                stamps.append(time.perf_counter())
+
             _sync(device)
-            stamps.append(time.perf_counter())
-
-        _sync(device)
-        t0 = time.perf_counter()
-        train_network(name, data, cfg, fusion, seed=0, num_classes=NUM_CLASSES, on_epoch=on_epoch)
-        row.ours_samples = np.diff([t0, *stamps]).tolist()[1:]
+            t0 = time.perf_counter()
+            train_network(name, data, params.evaluate, params.fusion, seed=0, num_classes=NUM_CLASSES,
+                          on_epoch=on_epoch)
+            row.ours_samples += np.diff([t0, *stamps]).tolist()[1:]
+            if U is not None:
+                trainer = RefTrainer(U, NETS[name], images, labels, device)
+                for e in range(n_ep + 1):
+                    dt = _timed(trainer.epoch, device)
+                    if e:
+                        row.ref_samples.append(dt)
         row.ours = 1.0 / _median(row.ours_samples)
-        if U is not None:
-            trainer = RefTrainer(U, NETS[name], images, labels, device)
-            for e in range(epochs + 1):
-                dt = _timed(trainer.epoch, device)
-                if e:
-                    row.ref_samples.append(dt)
+        if row.ref_samples:
             row.ref = 1.0 / _median(row.ref_samples)
         log(f"  ours {row.ours:.3f} epochs/s" + (f", reference {row.ref:.3f} epochs/s" if row.ref else ""))
         rows.append(row)
@@ -396,9 +401,10 @@ def bench_test(data: Data, device: torch.device, U: types.ModuleType | None, net
     x, y = data.test_x[:n_images], data.test_y[:n_images]
     scale = NUM_TEST / n_images
     loader = warm_loader = None
-    if U is not None:
-        loader = torch.utils.data.DataLoader(U.TensorDataset(x, y), batch_size=256, shuffle=False, num_workers=0)
-        warm_loader = torch.utils.data.DataLoader(U.TensorDataset(x[:256], y[:256]), batch_size=256, shuffle=False)
+    if U is not None:  # the reference's test set lives on the CPU; epoch() moves each batch to the device
+        xc, yc = x.cpu(), y.cpu()
+        loader = torch.utils.data.DataLoader(U.TensorDataset(xc, yc), batch_size=256, shuffle=False, num_workers=0)
+        warm_loader = torch.utils.data.DataLoader(U.TensorDataset(xc[:256], yc[:256]), batch_size=256, shuffle=False)
     for name in nets:
         log(f"test pass, {name}")
         label = "test pass 10k img" + ("" if n_images == NUM_TEST else f" (from {n_images})")
@@ -423,18 +429,28 @@ def bench_test(data: Data, device: torch.device, U: types.ModuleType | None, net
     return rows
 
 
-def profile_dm(data: Data, device: torch.device, noe: int, bf16: bool, top: int) -> str:
-    """Profile one warm DM step of ours; returns the top ops by self time."""
+def profile_step(step: Callable[[], Any], device: torch.device, top: int) -> str:
+    """Profile one (already warm) call of ``step``; returns the top ops by self time."""
     from torch.profiler import ProfilerActivity, profile
 
-    method, syn = our_dm(data, device, noe, bf16)
-    float(method.step(syn, 0)["loss"])
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        float(method.step(syn, 1)["loss"])
+        step()
         _sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48)
+
+
+def profile_dm(data: Data, device: torch.device, U: types.ModuleType | None, top: int = 15) -> str:
+    """Top ops of one warm DM step, NoE=1, of ours (and of the reference when given)."""
+    method, syn = our_dm(data, device, 1, False)
+    float(method.step(syn, 0)["loss"])
+    out = "ours (moedd DM, NoE=1, fp32):\n" + profile_step(lambda: float(method.step(syn, 1)["loss"]), device, top)
+    if U is not None:
+        ref = RefDM(U, data, device, ipc=10, batch_real=256)
+        ref.step()
+        out += "\nreference (main_DM.py loop):\n" + profile_step(ref.step, device, top)
+    return out
 
 
 # ------------------------------------------------------------------------------------- output
@@ -454,10 +470,26 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    info["moedd_git"] = _git_state()
     affinity = getattr(os, "sched_getaffinity", None)
     if affinity:
         info["cores_usable"] = len(affinity(0))
     return info
+
+
+def _git_state() -> str:
+    """Commit of the moedd checkout being measured, with ``+dirty`` when files are modified."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
 
 
 def allocator_info() -> str:
@@ -506,13 +538,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="dm,train,test", help="comma list of sections: dm, train, test")
     p.add_argument("--nets", default=",".join(NETS), help="evaluation networks (default: all four)")
     p.add_argument("--dm-reps", type=int, help="timed DM iterations per row (default 5; quick 2)")
-    p.add_argument("--train-epochs", type=int, help="timed training epochs per net (default 4; quick 2)")
+    p.add_argument("--train-epochs", type=int, help="timed training epochs per net (default 6; quick 2)")
     p.add_argument("--test-images", type=int, help="test images per timed pass, reported per 10k "
                    "(default: 10000 on CUDA, 1000 on CPU; quick 256 on CPU)")
-    p.add_argument("--test-reps", type=int, help="timed test passes per net (default 1 on CPU, 3 on CUDA)")
+    p.add_argument("--test-reps", type=int, help="timed test passes per net (default 3; quick 1)")
     p.add_argument("--no-noe2", action="store_true", help="skip the NoE=2 DM row")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 DM row")
-    p.add_argument("--profile", action="store_true", help="also profile one DM step of ours (torch.profiler)")
+    p.add_argument("--profile", action="store_true", help="also profile one DM step of ours and of the reference (torch.profiler top ops)")
     p.add_argument("--json", metavar="PATH", help="write all numbers (and raw samples) as JSON")
     a = p.parse_args(argv)
     return a
@@ -521,7 +553,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     tune_process()
-    device = resolve_device(a.device)
+    try:
+        device = resolve_device(a.device)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     cuda = device.type == "cuda"
     sections = {s.strip() for s in a.only.split(",") if s.strip()}
     unknown = sections - {"dm", "train", "test"}
@@ -532,9 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         if n not in NETS:
             raise SystemExit(f"--nets: {n} is not one of {', '.join(NETS)}")
     dm_reps = a.dm_reps or (2 if a.quick else 5)
-    train_epochs = a.train_epochs or (2 if a.quick else 4)
+    train_epochs = a.train_epochs or (2 if a.quick else 6)
     test_images = min(a.test_images or (NUM_TEST if cuda else (256 if a.quick else 1000)), NUM_TEST)
-    test_reps = a.test_reps or (1 if (a.quick or not cuda) else 3)
+    test_reps = a.test_reps or (1 if a.quick else 3)
     with_bf16 = not a.no_bf16 and not a.quick and bf16_available(device)
     with_noe2 = not a.no_noe2 and not a.quick
 
@@ -543,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     alloc = allocator_info()
     header = (f"machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads)"
               + (f", GPU {info['gpu']}" if cuda else "")
-              + f"; torch {info['torch']}; device {device}; {info['date']}")
+              + f"; torch {info['torch']}; device {device}; moedd {info['moedd_git']}; {info['date']}")
     print(header, flush=True)
     print(f"allocator: {alloc}", flush=True)
     if U is None:
@@ -566,14 +601,30 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render(rows))
     print()
-    print(f"DM: median of {dm_reps} iterations after 1 warm-up (batch_real 256, IPC 10, 10 classes, DSA "
-          f"{DSA_STRATEGY}); train: median of {train_epochs} epochs after 1 warm-up epoch, 100 images, batch 256, "
-          f"DSA (+ mixup fusion for ours, 2 experts x 50); test: {test_reps} pass(es) over {test_images} random "
-          f"images scaled to 10,000, after a 256-image warm-up (ours batch {load_params(None).evaluate.test_batch_size}, "
-          f"reference batch 256 from an in-memory TensorDataset). Total {total:.0f} s.")
+    notes = []
+    if "dm" in sections:
+        notes.append(f"DM: median of {dm_reps} iterations after 1 warm-up, ours and reference alternating (batch_real "
+                     f"256, IPC 10, 10 classes, DSA {DSA_STRATEGY}); NoE=2 and bf16 rows are ours only.")
+    if "train" in sections:
+        notes.append(f"train: median of {train_epochs} epochs (warm-up epoch dropped per block of fresh network), 100 "
+                     "images, batch 256, DSA; ours also applies mixup fusion (2 experts x 50 images).")
+    if "test" in sections:
+        notes.append(f"test: median of {test_reps} pass(es) over {test_images} random images, scaled to 10,000, after a "
+                     f"256-image warm-up; ours test_accuracy (batch {load_params(None).evaluate.test_batch_size}), "
+                     "reference epoch('test') (batch 256, in-memory TensorDataset).")
+    unsteady = [f"{r.what} ({side} {max(xs) / min(xs):.1f}x)" for r in rows
+                for side, xs in (("ours", r.ours_samples), ("ref", r.ref_samples))
+                if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) > 1.5]
+    if unsteady:
+        notes.append("WARNING: unsteady machine, repetitions of one measurement differ by more than 1.5x (max/min): "
+                     + "; ".join(unsteady) + ". Re-run before trusting these rows.")
+    notes.append(f"Total {total:.0f} s.")
+    print("\n".join(notes))
     if a.profile:
-        print("\nprofile of one DM step (ours, NoE=1):")
-        print(profile_dm(data, device, 1, False, top=20))
+        if not data.indices_class and U is not None:
+            data = make_data(device, with_reference=True)
+        print("\nprofile of one DM step:")
+        print(profile_dm(data, device, U))
     if a.json:
         out = {
             "machine": info, "allocator": alloc, "reference": a.reference_dc, "argv": sys.argv,

@@ -190,6 +190,7 @@ def _run_distill(
     out: Path | None, metrics: Path | None, plots: Path | None, checkpoint_dir: Path,
 ) -> None:
     import mlflow
+    import torch
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -210,7 +211,7 @@ def _run_distill(
     else:
         console.log(f"{part_file} not found: partitioning in memory (seed {params.partition.seed})")
         part = make_partition(prep.train_labels, prep.num_classes, noe, params.partition.seed, prep.digest)
-    total = build_method(expert, params, prep, part, torch_device("cpu")).iterations  # validate before any work
+    total = build_method(expert, params, prep, part, torch.device("cpu")).iterations  # validate before any work
     target = out or Path(f"data/synthetic/{expert}-noe{noe}")
     stage_params = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget, "device": str(device),
                     **flatten(params.distill, "distill."), **flatten(params.experts.for_method(expert), f"experts.{expert}.")}
@@ -256,12 +257,6 @@ def _run_distill(
         _write_json(metrics, summary)
         _write_plots(plots, result.history)
     console.log(f"wrote {noe} expert set(s) of {ipc} images/class -> {target} ({result.seconds:.1f}s)")
-
-
-def torch_device(name: str) -> Any:
-    import torch
-
-    return torch.device(name)
 
 
 def _reload_metas(target: Path) -> list[Any]:

@@ -114,7 +114,7 @@ def optimise(
             on_log(done, total, rows)
 
     if on_log and start:
-        on_log(start, total, [])
+        on_log(start, total, list(history))  # a fresh tracking run gets the curve so far
     for it in range(start, total):
         pending.append((it, method.step(syn, it)))  # tensors: no host sync inside the loop
         done = it + 1

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from moedd.augment import DSA, DSAParams
 from moedd.config import EvaluateConfig, FusionConfig
+from moedd.device import memory_format_for
 from moedd.moe import MixupFusion
 from moedd.nets import create_net
 from moedd.registry import Registry
@@ -77,9 +78,10 @@ def normalize_test(images_u8: Tensor, mean: tuple[float, ...], std: tuple[float,
 def test_accuracy(net: torch.nn.Module, images: Tensor, labels: Tensor, batch_size: int) -> float:
     """Top-1 accuracy (fraction) on the whole test set, in large inference-mode batches."""
     net.eval()
+    fmt = memory_format_for(net, images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].contiguous(memory_format=torch.channels_last)
+        x = images[i : i + batch_size].contiguous(memory_format=fmt)
         correct += (net(x).argmax(1) == labels[i : i + batch_size]).sum()
     return correct.item() / len(images)
 
@@ -94,7 +96,8 @@ def train_network(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = create_net(net_name, num_classes, channels=ch, image_size=h)
-    net = net.to(device, memory_format=torch.channels_last)
+    fmt = memory_format_for(net, device)
+    net = net.to(device, memory_format=fmt)
     opt = torch.optim.SGD(net.parameters(), lr=data.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(seed + 7919)
     rng = np.random.default_rng(seed)
@@ -114,7 +117,7 @@ def train_network(
                 x = mixer(x, idx, gen, rng)
             if dsa is not None:
                 x = dsa.per_sample(x, gen)
-            loss = F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), data.labels[idx])
+            loss = F.cross_entropy(net(x.contiguous(memory_format=fmt)), data.labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

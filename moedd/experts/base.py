@@ -171,6 +171,8 @@ def frozen_random_net(ctx: DistillContext, it: int, stream: int = 1) -> torch.nn
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed_for(it, stream))
         net = create_net(ctx.net, ctx.num_classes, channels=ch, image_size=h)
-    net = net.to(ctx.device, memory_format=torch.channels_last)
+    from moedd.device import memory_format_for
+
+    net = net.to(ctx.device, memory_format=memory_format_for(net, ctx.device))
     net.requires_grad_(False)
     return net

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from moedd.augment import DSA, DSAParams
 from moedd.config import DMExpertConfig
+from moedd.device import memory_format_for
 from moedd.experts.base import DistillContext, ExpertMethod, frozen_random_net, register_expert
 from moedd.moe import expert_dcor_loss
 
@@ -62,7 +63,7 @@ class DistributionMatching(ExpertMethod):
         state = gen.get_state()
         unit_real = torch.arange(c, device=ctx.device).repeat_interleave(n_real).repeat(ctx.noe)
         unit_syn = torch.arange(c, device=ctx.device).repeat_interleave(ctx.ipc).repeat(ctx.noe)
-        cl = torch.channels_last
+        cl = memory_format_for(net, ctx.device)
         chunk = self.cfg.real_chunk or (128 if ctx.device.type == "cpu" else len(real))
         with torch.no_grad(), _autocast(ctx.device, self.cfg.bf16):
             aug = self.dsa.siamese(real, unit_real, c, gen).contiguous(memory_format=cl)
