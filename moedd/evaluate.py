@@ -43,6 +43,20 @@ def _identity(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return images, labels
 
 
+@DECODERS.register("multiformation2")
+def decode_quadrants(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """2x2 multi-formation (IDC) / partition-and-expansion (IDM), factor 2.
+
+    Each stored image is cut into its four quadrants (top-left, bottom-left, top-right,
+    bottom-right), each bilinearly upsampled back to full size, all with the stored label:
+    N images -> 4N training images, quadrant-major.
+    """
+    h, w = images.shape[-2] // 2, images.shape[-1] // 2
+    quads = [images[..., :h, :w], images[..., h:, :w], images[..., :h, w:], images[..., h:, w:]]
+    up = [F.interpolate(q, size=images.shape[-2:], mode="bilinear", align_corners=False) for q in quads]
+    return torch.cat(up), labels.repeat(4)
+
+
 @dataclass(frozen=True)
 class TrainingSet:
     """The pooled, decoded training images of all experts (on the device)."""
@@ -56,9 +70,14 @@ class TrainingSet:
 def pool_experts(syn: SyntheticSet, base_lr: float, device: torch.device) -> TrainingSet:
     """Decode every expert's images and pool them, remembering which expert each came from."""
     decode = DECODERS.get(syn.meta.decoding)
+    c = len(syn.meta.mean)
+    mean = torch.tensor(syn.meta.mean).view(1, c, 1, 1)
+    std = torch.tensor(syn.meta.std).view(1, c, 1, 1)
     xs, ys, es = [], [], []
     for k, (x, y) in enumerate(zip(syn.images, syn.labels, strict=True)):
         dx, dy = decode(x.float(), y)
+        if syn.meta.space == "pixel":  # IDC stores [0, 1] pixels; training uses normalised images
+            dx = (dx - mean) / std
         xs.append(dx)
         ys.append(dy)
         es.append(torch.full_like(dy, k))

@@ -62,3 +62,11 @@ def test_test_accuracy_counts_correct_predictions() -> None:
 def test_unknown_decoding_is_refused() -> None:
     with pytest.raises(UnknownNameError, match="unknown decoding"):
         DECODERS.get("quadrants9")
+
+
+def test_multiformation_decodes_four_upsampled_quadrants() -> None:
+    x = torch.zeros(1, 1, 4, 4)
+    x[..., :2, :2], x[..., 2:, :2], x[..., :2, 2:], x[..., 2:, 2:] = 1.0, 2.0, 3.0, 4.0
+    dx, dy = DECODERS.get("multiformation2")(x, torch.tensor([7]))
+    assert dx.shape == (4, 1, 4, 4) and dy.tolist() == [7, 7, 7, 7]
+    assert [float(v) for v in dx.mean((1, 2, 3))] == [1.0, 2.0, 3.0, 4.0]
