@@ -118,11 +118,67 @@ class DMExpertConfig(_Section):
     (keeps activations cache- and allocator-friendly), the whole batch on CUDA."""
 
 
+class IDMExpertConfig(_Section):
+    """IDM (Zhao et al., CVPR 2023); defaults = CIFAR-10 IPC 10 row of algorithms.md §5.2."""
+
+    iterations: int = Field(20000, ge=0)
+    lr_img: float = Field(0.2, gt=0)
+    momentum: float = Field(0.5, ge=0, lt=1)
+    batch_real: int = Field(256, ge=1)
+    """Real images per class per iteration (from the expert's own shard)."""
+    ce_weight: float = Field(0.5, ge=0)
+    """λ_ce of the class-aware CE term; multiplied by the net's running accuracy in PERCENT (as IDM)."""
+    net_num: int = Field(100, ge=1)
+    """Capacity of the queue of semi-trained networks."""
+    net_generate_interval: int = Field(30, ge=1)
+    """Iterations between pushing a new random network into the queue."""
+    train_net_num: int = Field(1, ge=1)
+    """Networks sampled from the queue for matching per iteration."""
+    fetch_net_num: int = Field(2, ge=0)
+    """Networks of the queue trained on real data after each iteration."""
+    model_train_steps: int = Field(10, ge=0)
+    trained_bs: int = Field(256, ge=1)
+    net_lr: float = Field(0.01, gt=0)
+    net_momentum: float = Field(0.9, ge=0, lt=1)
+    net_weight_decay: float = Field(0.0005, ge=0)
+    factor: Literal[1, 2] = 2
+    """Partitioning & expansion factor (2 = each stored image decodes into 4 quadrants)."""
+    dsa_strategy: str = DSA_STRATEGY
+
+
+class IDCExpertConfig(_Section):
+    """IDC (Kim et al., ICML 2022); defaults = CIFAR reproduce settings of algorithms.md §6."""
+
+    iterations: int = Field(2000, ge=0)
+    """Outer iterations (a fresh network each)."""
+    inner_loop: int = Field(100, ge=1)
+    """Matching steps per outer iteration, each followed by network training on real data."""
+    batch_real: int = Field(64, ge=1)
+    batch_syn_max: int = Field(128, ge=1)
+    lr_img: float | None = Field(None, gt=0)
+    """None = 5e-3 x IPC/10 (IDC's tune_lr_img for 32 px)."""
+    momentum: float = Field(0.5, ge=0, lt=1)
+    n_data: int = Field(2000, ge=1)
+    """Real samples the network trains on between matchings (CutMix + DSA)."""
+    net_lr: float = Field(0.01, gt=0)
+    net_momentum: float = Field(0.9, ge=0, lt=1)
+    net_weight_decay: float = Field(0.0005, ge=0)
+    mix_p: float = Field(0.5, ge=0, le=1)
+    mix_beta: float = Field(1.0, gt=0)
+    factor: Literal[1, 2] = 2
+    """Multi-formation factor (2 = each stored image decodes into 4 quadrants)."""
+    match_dsa_strategy: str = "color_crop_cutout"
+    net_dsa_strategy: str = "color_crop"
+    metric: Literal["mse", "l1", "cos"] = "mse"
+
+
 class ExpertsConfig(_Section):
     """One section per registered expert method, holding that method's hyper-parameters."""
 
     random: RandomExpertConfig = RandomExpertConfig()
     dm: DMExpertConfig = DMExpertConfig()
+    idm: IDMExpertConfig = IDMExpertConfig()
+    idc: IDCExpertConfig = IDCExpertConfig()
 
     def for_method(self, name: str) -> BaseModel:
         from moedd.experts import EXPERTS
