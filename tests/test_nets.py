@@ -107,3 +107,15 @@ def test_convnet_other_sizes(size: int, dim: int) -> None:
     with torch.no_grad():
         feat = net.embed(torch.randn(2, 1, size, size))
     assert feat.shape == (2, dim) and net(torch.randn(2, 1, size, size)).shape == (2, 10)
+
+
+def test_fast_pools_match_the_native_kernels() -> None:
+    from moedd.nets.pool import AvgPool2x2, MaxPool2x2
+
+    x = torch.randn(3, 5, 32, 32, requires_grad=True)
+    for fast, ref in ((AvgPool2x2(), torch.nn.functional.avg_pool2d), (MaxPool2x2(), torch.nn.functional.max_pool2d)):
+        for inp in (x, x.contiguous(memory_format=torch.channels_last), x[..., :8, :8]):
+            assert torch.allclose(fast(inp), ref(inp, 2), atol=1e-6)
+        fast(x).sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        x.grad = None

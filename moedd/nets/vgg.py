@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from moedd.nets import make_norm, register_net
+from moedd.nets.pool import MaxPool2x2
 
 _VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
@@ -40,7 +41,7 @@ class VGG(nn.Module):
         in_ch, size = channels, image_size
         for v in cfg:
             if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
+                layers.append(MaxPool2x2())
                 size //= 2
                 continue
             pad = 3 if (not layers and image_size == 28) else 1
