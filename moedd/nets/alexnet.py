@@ -6,15 +6,17 @@ normalization by default, and a single linear head on the 192*4*4 = 3072-d featu
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from moedd.nets import make_norm, register_net
+from moedd.nets.base import TrunkClassifier
+from moedd.nets.pool import MaxPool2x2
 
 # (out_channels, kernel, pool after)
 _CFG = ((128, 5, True), (192, 5, True), (256, 3, False), (192, 3, False), (192, 3, True))
 
 
-class AlexNet(nn.Module):
+class AlexNet(TrunkClassifier):
     """Generic DD AlexNet.
 
     Args:
@@ -38,7 +40,7 @@ class AlexNet(nn.Module):
             layers += [nn.Conv2d(in_ch, out_ch, k, padding=pad, bias=True), make_norm(norm, out_ch)]
             layers.append(nn.ReLU(inplace=True))
             if pool:
-                layers.append(nn.MaxPool2d(2, 2))
+                layers.append(MaxPool2x2())
                 size //= 2
             in_ch = out_ch
         if size < 1:
@@ -46,12 +48,6 @@ class AlexNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_ch * size * size, num_classes)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Flattened conv feature, shape (N, 3072) for 32 px."""
-        return self.features(x).flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.embed(x))
 
 
 @register_net("alexnet")

@@ -6,13 +6,14 @@ input shrinks 32 -> 16 -> 8 -> 4 at depth 3 and the flattened feature is 128*4*4
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from moedd.nets import make_norm, register_net
+from moedd.nets.base import TrunkClassifier
 from moedd.nets.pool import AvgPool2x2
 
 
-class ConvNet(nn.Module):
+class ConvNet(TrunkClassifier):
     """Generic ConvNet of the DC/DM/MTT papers.
 
     Args:
@@ -55,12 +56,6 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * size * size, num_classes)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Flattened output of the last block, shape (N, width*s*s)."""
-        return self.features(x).flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.embed(x))
 
 
 @register_net("convnet3")

@@ -8,15 +8,16 @@ no-op and is omitted.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from moedd.nets import make_norm, register_net
+from moedd.nets.base import TrunkClassifier
 from moedd.nets.pool import MaxPool2x2
 
 _VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-class VGG(nn.Module):
+class VGG(TrunkClassifier):
     """Generic VGG with a single linear head.
 
     Args:
@@ -57,12 +58,6 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_ch * size * size, num_classes)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Flattened conv feature, shape (N, 512) for 32 px."""
-        return self.features(x).flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.embed(x))
 
 
 @register_net("vgg11")
