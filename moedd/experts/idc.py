@@ -1,0 +1,435 @@
+"""IDC (Kim et al., "Dataset Condensation via Efficient Synthetic-Data Parameterization",
+ICML 2022), run by NoE experts jointly.
+
+Paper and reference: algorithms.md §6 (IDC-repo ``condense.py``, ``train.py``, ``augment.py``,
+``argument.py``, ``misc/reproduce.py``); DiffAug order: algorithms.md §3.1.
+
+Parameterisation (multi-formation, factor f = 2). Each stored image S_i lives in [0, 1] pixel
+space at full size (H x W). Decoding d(S_i) cuts it into its f² = 4 quadrants and bilinearly
+upsamples each back to H x W, all with the label of S_i, so IPC stored images give 4·IPC training
+images (evaluator decoder "multiformation2"). Initialisation ("mix"): every stored image is a
+2x2 mosaic of 4 random real images of its class, each resized to H/2 x W/2 with
+``F.interpolate`` (nearest). Factor 1 ("IDC-I") stores real images (IDC's ``init='random'``).
+
+Objective. For a network θ, class c, a real batch R_c (``batch_real`` images of c) and the
+decoded synthetic images D_c = d(S_c) (randomly sub-sampled to ≤ ``batch_syn_max``), with one
+shared differentiable augmentation A (siamese: the same parameters for R_c and D_c) applied
+after normalising with the dataset mean/std:
+
+    g_real = ∂ CE(θ; A(R_c), c) / ∂W_l,    g_syn = ∂ CE(θ; A(D_c), c) / ∂W_l   (create_graph)
+    L_c = Σ_l dist(g_real,l, g_syn,l)
+
+over the conv-weight tensors W_l only (4-D parameters; biases, norm parameters and the
+classifier are skipped: IDC's ``bias = fc = False``). ``dist``: "mse" = Σ (a − b)², "l1" =
+Σ |a − b|, "cos" = Σ over output channels of 1 − <a_o, b_o> / (|a_o|·|b_o| + 1e-6) (DC's
+layer-wise distance). MoE-DD adds λ · Σ_{e<e'} dCor²(ψ(A(D_e,c)), ψ(A(D_e',c))) / #pairs, with ψ
+the network's ``embed`` of the augmented decoded synthetic images fed to the matching loss
+(same rows across experts: one sub-sample index set per class and step).
+
+Loop. One driver iteration ``it`` = one OUTER iteration of IDC:
+
+1. clamp S to [0, 1]; a fresh, trainable network θ (seeded from (seed, it); ``fix_iter`` 1);
+   SGD(net_lr, net_momentum, weight decay net_weight_decay) on all of θ;
+2. ``inner_loop`` times:
+   (a) for each class c: L = Σ_k L_c(S_k) + λ·dCor_c; one SGD(lr_img, momentum) step on the
+       whole image tensor S (as IDC: one optimiser over all classes, stepped once per class);
+   (b) ``ceil(n_data / batch_real)`` SGD steps of θ on real minibatches of ``batch_real``
+       images, per-sample DiffAug ``net_dsa_strategy`` ("color_crop": IDC removes cutout when
+       CutMix is used), then CutMix with probability ``mix_p``: λ ~ Beta(β, β), a box of side
+       ratio sqrt(1 − λ) at a uniform centre (clipped) is pasted from a random permutation of
+       the batch, loss = r·CE(y) + (1 − r)·CE(y_perm), r = 1 − box area / image area.
+
+Hyper-parameters (``IDCExpertConfig`` defaults = CIFAR-10 reproduce settings of the IDC repo):
+inner_loop 100, batch_real 64, batch_syn_max 128, momentum 0.5, lr_img = 5e-3 × IPC/10
+(``tune_lr_img``; its extra factor (size / dataset base size)² is 1 at IDC's native sizes and is
+not applied here), n_data 2000 (IDC uses 500 for CIFAR-100 and SVHN), net SGD 0.01 / 0.9 / 5e-4,
+mix_p 0.5, β 1, metric mse, DiffAug "color_crop_cutout" for matching. IDC runs 2000 outer
+iterations (niter 2000 × 100 / inner_loop). IPC here is the per-expert IPC (budget / NoE): each
+expert's loss is a mean over its own images, so the per-image gradient scales as 1/IPC, which is
+what the rule compensates.
+
+Deviations, each on purpose:
+
+* NoE experts share ONE network per outer iteration (needed for the joint dCor term); it trains
+  on real data of the union of the experts' shards, i.e. the whole training set when the shards
+  partition it (the paper says nothing about experts). Each expert's matching uses real images of
+  its own shard only. All experts' real and synthetic images of a class share one augmentation
+  parameter set per step (IDC: one set per class; moedd's DM does the same across experts).
+* Augmentation uses moedd's DSA ops in IDC's order: flip and color (if listed) always, then one
+  geometric op (crop/scale/rotate) drawn per unit, then cutout always -- not DSA mode 'S' (one
+  group per call). Parameters come from explicit generators, not re-seeded global RNGs. When
+  several geometric ops are listed, network training draws one per sample (IDC: one per call);
+  scale/rotate use ``align_corners=True`` (IDC: False). The default strategies list only "crop",
+  so neither difference applies to them.
+* Randomness: all draws of outer iteration ``it`` come from ``ctx.generator(it, stream)``
+  (stream 1 network init, 2 matching, 3 network training) and, for CutMix's Beta draw, box and
+  coin (host scalars, as IDC's ``np.random``), a numpy Generator seeded with
+  ``ctx.seed_for(it, 4)``. A resumed run replays them exactly; the checkpoint holds S and the
+  image optimiser's momentum.
+* Real matching batch per class: min(batch_real, smallest class of the shard) distinct images
+  (IDC assumes every class has ≥ batch_real). Network training: one fresh permutation of the pool
+  per phase (IDC: a fresh shuffle per ``train_epoch``), wrapped when n_data exceeds the pool.
+* Only the conv weights are differentiated (IDC differentiates every parameter and then skips
+  the rest: the same loss, fewer gradients).
+* Quadrant order TL, BL, TR, BR (the evaluator's; IDC: TL, TR, BL, BR): irrelevant to the loss.
+* Logged "match" = Σ_k Σ_c L_c averaged over the inner steps (IDC prints the per-class mean);
+  "match_e{k}" the same for expert k; "dcor" likewise; "loss" = match + λ·dcor; "net_acc" =
+  training accuracy (vs. the unmixed label) over all network steps of the outer iteration.
+* The final images are not clamped after the last update (as IDC's saved ``data.pt``).
+
+Batching: per-class image steps are kept (not one joint step over classes). With a fixed network
+the class losses are independent, but momentum on the single image tensor makes C sequential
+steps differ from one joint step, so the sequential form is the faithful one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moedd.augment import DSA, DSAParams
+from moedd.config import IDCExpertConfig
+from moedd.device import memory_format_for
+from moedd.experts.base import DistillContext, ExpertMethod, frozen_random_net, register_expert
+from moedd.moe import expert_dcor_loss
+
+_GEOMETRIC = ("crop", "scale", "rotate")
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def conv_weights(net: nn.Module) -> list[Tensor]:
+    """The parameters IDC matches: conv-weight tensors (4-D); biases, norms and the FC are skipped."""
+    return [p for p in net.parameters() if p.dim() == 4]
+
+
+def gradient_distance(g_real: Sequence[Tensor], g_syn: Sequence[Tensor], metric: str = "mse") -> Tensor:
+    """Σ over tensors of dist(g_real, g_syn): "mse" Σ(a−b)², "l1" Σ|a−b|, "cos" Σ_out (1 − cos)."""
+    terms = []
+    for a, b in zip(g_real, g_syn, strict=True):
+        if metric == "mse":
+            terms.append((a - b).pow(2).sum())
+        elif metric == "l1":
+            terms.append((a - b).abs().sum())
+        elif metric == "cos":
+            a2, b2 = a.flatten(1), b.flatten(1)
+            cos = (a2 * b2).sum(-1) / (a2.norm(dim=-1) * b2.norm(dim=-1) + 1e-6)
+            terms.append((1 - cos).sum())
+        else:
+            raise ValueError(f"unknown gradient-matching metric {metric!r} (mse, l1, cos)")
+    return torch.stack(terms).sum()
+
+
+def decode(images: Tensor, factor: int) -> Tensor:
+    """Multi-formation decoding of (..., n, ch, H, W) -> (..., f²·n, ch, H, W), quadrant-major.
+
+    Same result per expert as the evaluator's "multiformation2" decoder (quadrants TL, BL, TR,
+    BR, bilinear upsampling, ``align_corners=False``); factor 1 is the identity.
+    """
+    if factor == 1:
+        return images
+    *lead, n, ch, h, w = images.shape
+    hh, ww = h // 2, w // 2
+    quads = [images[..., :hh, :ww], images[..., hh:, :ww], images[..., :hh, ww:], images[..., hh:, ww:]]
+    up = [F.interpolate(q.reshape(-1, ch, q.shape[-2], q.shape[-1]), size=(h, w), mode="bilinear",
+                        align_corners=False).view(*lead, n, ch, h, w) for q in quads]
+    return torch.cat(up, dim=len(lead))
+
+
+def mosaic(parts: Tensor, factor: int) -> Tensor:
+    """(f², n, ch, H, W) full-size images -> (n, ch, H, W) mosaics of the parts resized to H/f.
+
+    Part ``a·f + b`` goes to block row a, column b (IDC's ``init='mix'``); nearest resize.
+    """
+    f2, n, ch, h, w = parts.shape
+    small = F.interpolate(parts.reshape(f2 * n, ch, h, w), size=(h // factor, w // factor))
+    small = small.view(factor, factor, n, ch, h // factor, w // factor)
+    return small.permute(2, 3, 0, 4, 1, 5).reshape(n, ch, h, w)
+
+
+def cutmix(x: Tensor, y: Tensor, beta: float, rng: np.random.Generator,
+           gen: torch.Generator) -> tuple[Tensor, Tensor, float]:
+    """CutMix (Yun et al. 2019) as in IDC's network update.
+
+    Args:
+        x: (B, ch, H, W) batch; y: (B,) labels.
+        beta: λ ~ Beta(beta, beta).
+        rng: host RNG for λ and the box centre (host scalars: slicing without a device sync).
+        gen: device RNG for the partner permutation.
+
+    Returns:
+        The mixed batch (a new tensor), the partners' labels and r = 1 − box area / image area,
+        the weight of CE(y) (the partners' CE gets 1 − r).
+    """
+    rows, cols = x.shape[-2], x.shape[-1]
+    lam = float(rng.beta(beta, beta))
+    cut = math.sqrt(1.0 - lam)
+    cut_r, cut_c = int(rows * cut), int(cols * cut)
+    cr, cc = int(rng.integers(rows)), int(rng.integers(cols))
+    r0, r1 = min(max(cr - cut_r // 2, 0), rows), min(max(cr + cut_r // 2, 0), rows)
+    c0, c1 = min(max(cc - cut_c // 2, 0), cols), min(max(cc + cut_c // 2, 0), cols)
+    perm = torch.randperm(len(x), generator=gen, device=x.device)
+    out = x.clone()
+    out[:, :, r0:r1, c0:c1] = x[perm, :, r0:r1, c0:c1]
+    ratio = 1.0 - (r1 - r0) * (c1 - c0) / (rows * cols)
+    return out, y[perm], ratio
+
+
+class IDCAugment:
+    """IDC's DiffAug order on moedd's DSA ops: flip, color (always), one geometric op, cutout.
+
+    Each stage draws its parameters per *unit* (``DSA.siamese``): unit = class for the siamese
+    matching augmentation, unit = sample for network training (IDC's ``batch=False``).
+    """
+
+    def __init__(self, strategy: str) -> None:
+        groups = DSAParams(strategy=strategy).groups  # validates the names
+        stages = [g for g in ("flip", "color") if g in groups]
+        geo = [g for g in groups if g in _GEOMETRIC]
+        if geo:
+            stages.append("_".join(geo))
+        if "cutout" in groups:
+            stages.append("cutout")
+        self.stages = [DSA(DSAParams(strategy=s)) for s in stages]
+
+    def __call__(self, x: Tensor, unit: Tensor, n_units: int, gen: torch.Generator) -> Tensor:
+        for stage in self.stages:
+            x = stage.siamese(x, unit, n_units, gen)
+        return x
+
+
+# ---------------------------------------------------------------- the expert method
+
+
+@register_expert
+class IDC(ExpertMethod):
+    """IDC experts: gradient matching of multi-formation synthetic images on a trained network."""
+
+    name = "idc"
+    config_cls = IDCExpertConfig
+    space = "pixel"
+    decoding = "multiformation2"
+    cfg: IDCExpertConfig
+
+    def __init__(self, cfg: IDCExpertConfig, ctx: DistillContext) -> None:
+        super().__init__(cfg, ctx)
+        self.decoding = "multiformation2" if cfg.factor == 2 else "none"
+        _, h, w = ctx.image_shape
+        if cfg.factor == 2 and (h % 2 or w % 2):
+            raise ValueError(f"IDC factor 2 needs an even image size, got {h}x{w}")
+        self._mean = torch.tensor(ctx.mean, device=ctx.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(ctx.std, device=ctx.device).view(1, -1, 1, 1)
+        self.match_aug = IDCAugment(cfg.match_dsa_strategy)
+        self.net_aug = IDCAugment(cfg.net_dsa_strategy)
+        # smallest class of every shard (host ints, computed once: no syncs in the loop)
+        self.min_count = [int((t >= 0).sum(1).min()) for t in ctx.class_tables]
+        if ctx.noe == 1:
+            self.pool_images, self.pool_labels = ctx.shard_images[0], ctx.shard_labels[0]
+        else:  # the shared network trains on the union of the experts' shards
+            self.pool_images = torch.cat(ctx.shard_images)
+            self.pool_labels = torch.cat(ctx.shard_labels)
+
+    @property
+    def lr_img(self) -> float:
+        """cfg.lr_img, or IDC's ``tune_lr_img`` for 32 px: 5e-3 × IPC/10 (per-expert IPC)."""
+        if self.cfg.lr_img is not None:
+            return self.cfg.lr_img
+        return 5e-3 * self.ctx.ipc / 10
+
+    # ------------------------------------------------------------ data
+
+    def class_draw(self, k: int, n: int, gen: torch.Generator) -> Tensor:
+        """(C, n) shard-local indices of random images of every class of shard k.
+
+        Distinct within a class when n ≤ its smallest class; otherwise fresh permutations are
+        concatenated.
+        """
+        table = self.ctx.class_tables[k]
+        valid = table >= 0
+        per = min(n, self.min_count[k])
+        picks = []
+        for _ in range(math.ceil(n / per)):
+            keys = torch.rand(table.shape, generator=gen, device=table.device).masked_fill_(~valid, 2.0)
+            picks.append(torch.gather(table, 1, keys.argsort(1)[:, :per]))
+        return torch.cat(picks, 1)[:, :n]
+
+    def pixels(self, k: int, idx: Tensor) -> Tensor:
+        """Shard k's images ``idx`` as float pixels in [0, 1]."""
+        return self.ctx.shard_images[k][idx].float().div_(255.0)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """[0, 1] pixels -> the dataset's normalised space."""
+        return (x - self._mean) / self._std
+
+    def init_images(self) -> Tensor:
+        ctx, f = self.ctx, self.cfg.factor
+        gen = ctx.generator(it=-1)
+        c, ipc, shape = ctx.num_classes, ctx.ipc, ctx.image_shape
+        out = []
+        for k in range(ctx.noe):
+            idx = self.class_draw(k, f * f * ipc, gen)  # (C, f²·IPC): class-major
+            x = self.pixels(k, idx.flatten()).view(c, f * f, ipc, *shape)
+            if f == 1:
+                out.append(x.flatten(0, 2))
+            else:
+                out.append(torch.stack([mosaic(x[j], f) for j in range(c)]).flatten(0, 1))
+        return torch.stack(out)
+
+    def setup(self, syn: Tensor) -> None:
+        self.opt = torch.optim.SGD([syn], lr=self.lr_img, momentum=self.cfg.momentum)
+
+    def fresh_net(self, it: int) -> nn.Module:
+        """The network of outer iteration ``it``: seeded init (stream 1), trainable."""
+        return frozen_random_net(self.ctx, it, stream=1).requires_grad_(True)
+
+    # ------------------------------------------------------------ matching
+
+    def match_class(self, net: nn.Module, syn: Tensor, c: int, real_idx: Sequence[Tensor],
+                    gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """The differentiable loss of class c for all experts.
+
+        Args:
+            net: the current network (its conv weights are differentiated).
+            syn: (NoE, C·IPC, ch, H, W) stored images in [0, 1].
+            c: the class.
+            real_idx: per expert, shard-local indices of its real batch of class c.
+            gen: device RNG (syn sub-sample, augmentation).
+
+        Returns:
+            total = Σ_k L_c,k + λ·dCor_c, the per-expert losses (NoE,) and dCor_c (detached).
+        """
+        ctx, cfg = self.ctx, self.cfg
+        dev, ipc, noe = ctx.device, ctx.ipc, ctx.noe
+        cl = memory_format_for(net, dev)
+        weights = conv_weights(net)
+        dec = decode(syn[:, c * ipc:(c + 1) * ipc], cfg.factor)  # (NoE, f²·IPC, ch, H, W)
+        m = dec.shape[1]
+        if m > cfg.batch_syn_max:  # one sub-sample for all experts: rows stay paired for dCor
+            keep = torch.randperm(m, generator=gen, device=dev)[: cfg.batch_syn_max]
+            dec, m = dec.index_select(1, keep), cfg.batch_syn_max
+        syn_x = self.normalize(dec.flatten(0, 1))
+        real_x = torch.cat([ctx.normalize(ctx.shard_images[k][i]) for k, i in enumerate(real_idx)])
+        state = gen.get_state()  # siamese: replay the draws so real and syn share the parameters
+        with torch.no_grad():
+            real_x = self.match_aug(real_x, real_x.new_zeros(len(real_x), dtype=torch.long), 1, gen)
+        gen.set_state(state)
+        syn_x = self.match_aug(syn_x, syn_x.new_zeros(len(syn_x), dtype=torch.long), 1, gen)
+        real_x, syn_x = real_x.contiguous(memory_format=cl), syn_x.contiguous(memory_format=cl)
+        y_syn = torch.full((m,), c, dtype=torch.long, device=dev)
+        losses, feats, start = [], [], 0
+        for k, idx in enumerate(real_idx):
+            n = len(idx)
+            xr = real_x[start:start + n]
+            start += n
+            y_real = torch.full((n,), c, dtype=torch.long, device=dev)
+            g_real = torch.autograd.grad(F.cross_entropy(net(xr), y_real), weights)
+            f = net.embed(syn_x[k * m:(k + 1) * m])
+            g_syn = torch.autograd.grad(F.cross_entropy(net.classifier(f), y_syn), weights, create_graph=True)
+            losses.append(gradient_distance(g_real, g_syn, cfg.metric))
+            feats.append(f)
+        per_expert = torch.stack(losses)
+        total = per_expert.sum()
+        dcor = total.new_zeros(())
+        if ctx.dcor_weight > 0 and noe > 1:
+            dcor = expert_dcor_loss(torch.stack(feats).unsqueeze(1))
+            total = total + ctx.dcor_weight * dcor
+        return total, per_expert.detach(), dcor.detach()
+
+    def match_phase(self, net: nn.Module, syn: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One matching phase: for every class, its loss and one image step (IDC's order).
+
+        Returns:
+            per-expert losses summed over classes (NoE,) and dCor summed over classes (detached,
+            evaluated before each class's step).
+        """
+        ctx = self.ctx
+        draws = [self.class_draw(k, min(self.cfg.batch_real, self.min_count[k]), gen) for k in range(ctx.noe)]
+        per_expert = torch.zeros(ctx.noe, device=ctx.device)
+        dcor = torch.zeros((), device=ctx.device)
+        for c in range(ctx.num_classes):
+            total, pe, dc = self.match_class(net, syn, c, [d[c] for d in draws], gen)
+            self.opt.zero_grad(set_to_none=True)
+            total.backward(inputs=[syn])
+            self.opt.step()
+            per_expert += pe
+            dcor += dc
+        return per_expert, dcor
+
+    # ------------------------------------------------------------ network update
+
+    def train_net(self, net: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                  rng: np.random.Generator) -> tuple[Tensor, int]:
+        """``ceil(n_data / batch_real)`` SGD steps on real data (DiffAug per sample + CutMix).
+
+        Returns:
+            correctly classified samples (a device tensor: no sync) and samples seen.
+        """
+        cfg, dev = self.cfg, self.ctx.device
+        b, pool = cfg.batch_real, len(self.pool_labels)
+        steps = math.ceil(cfg.n_data / b)
+        need = steps * b
+        order = torch.cat([torch.randperm(pool, generator=gen, device=dev)
+                           for _ in range(math.ceil(need / pool))])[:need]
+        unit = torch.arange(b, device=dev)
+        cl = memory_format_for(net, dev)
+        correct = torch.zeros((), dtype=torch.long, device=dev)
+        for s in range(steps):
+            idx = order[s * b:(s + 1) * b]
+            y = self.pool_labels[idx]
+            with torch.no_grad():
+                x = self.net_aug(self.ctx.normalize(self.pool_images[idx]), unit, b, gen)
+            if rng.random() < cfg.mix_p:
+                x, y_b, r = cutmix(x, y, cfg.mix_beta, rng, gen)
+                out = net(x.contiguous(memory_format=cl))
+                loss = r * F.cross_entropy(out, y) + (1.0 - r) * F.cross_entropy(out, y_b)
+            else:
+                out = net(x.contiguous(memory_format=cl))
+                loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += (out.detach().argmax(1) == y).sum()
+        return correct, need
+
+    # ------------------------------------------------------------ one outer iteration
+
+    def step(self, syn: Tensor, it: int) -> Mapping[str, Tensor]:
+        ctx, cfg = self.ctx, self.cfg
+        with torch.no_grad():
+            syn.clamp_(0.0, 1.0)
+        net = self.fresh_net(it)
+        net_opt = torch.optim.SGD(net.parameters(), lr=cfg.net_lr, momentum=cfg.net_momentum,
+                                  weight_decay=cfg.net_weight_decay)
+        gen_match, gen_net = ctx.generator(it, stream=2), ctx.generator(it, stream=3)
+        rng = np.random.default_rng(ctx.seed_for(it, stream=4))
+        per_expert = torch.zeros(ctx.noe, device=ctx.device)
+        dcor = torch.zeros((), device=ctx.device)
+        correct = torch.zeros((), dtype=torch.long, device=ctx.device)
+        seen = 0
+        for _ in range(cfg.inner_loop):
+            pe, dc = self.match_phase(net, syn, gen_match)
+            per_expert += pe
+            dcor += dc
+            ok, n = self.train_net(net, net_opt, gen_net, rng)
+            correct += ok
+            seen += n
+        per_expert /= cfg.inner_loop
+        dcor /= cfg.inner_loop
+        match = per_expert.sum()
+        out = {"loss": match + ctx.dcor_weight * dcor, "match": match, "dcor": dcor,
+               "net_acc": correct.float() / max(seen, 1)}
+        out.update({f"match_e{k}": per_expert[k] for k in range(ctx.noe)})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["opt"])

@@ -1,0 +1,217 @@
+"""IDC experts: mosaic init, decoding, gradient matching, CutMix, network update, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moedd.experts.idc  # noqa: F401  (registers "idc" until moedd.experts imports it)
+from conftest import tiny_params
+from moedd.data import make_partition
+from moedd.distill import build_method, run_distillation
+from moedd.evaluate import decode_quadrants
+from moedd.experts import EXPERTS
+from moedd.experts.idc import IDC, conv_weights, cutmix, decode, gradient_distance
+
+CPU = torch.device("cpu")
+TINY = {"distill.budget": 2, "experts.idc.iterations": 1, "experts.idc.inner_loop": 2,
+        "experts.idc.batch_real": 4, "experts.idc.n_data": 16}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Double backward through tiny batches: one thread avoids oversubscription on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _method(prepared, noe: int = 2, **overrides) -> tuple[IDC, object]:
+    params = tiny_params(**{**TINY, **overrides})
+    part = make_partition(prepared.train_labels, prepared.num_classes, noe, 0, prepared.digest)
+    m = build_method("idc", params, prepared, part, CPU)
+    assert isinstance(m, IDC)
+    return m, part
+
+
+def test_idc_is_registered_in_pixel_space() -> None:
+    assert EXPERTS.get("idc") is IDC
+    assert IDC.space == "pixel"
+
+
+def test_init_is_a_mosaic_of_downscaled_real_images_of_the_own_shard(tiny_prepared) -> None:
+    m, part = _method(tiny_prepared)
+    syn = m.init_images()
+    assert syn.shape == (2, 3 * 1, 3, 32, 32)
+    assert syn.min() >= 0 and syn.max() <= 1
+    assert m.decoding == "multiformation2"
+    labels = m.ctx.labels()
+    for k, shard in enumerate(part.shards):
+        own = F.interpolate(tiny_prepared.train_images[shard].float() / 255, size=(16, 16))
+        other = F.interpolate(tiny_prepared.train_images[part.shards[1 - k]].float() / 255, size=(16, 16))
+        for i, img in enumerate(syn[k]):
+            used = set()
+            for q in (img[:, :16, :16], img[:, 16:, :16], img[:, :16, 16:], img[:, 16:, 16:]):
+                dist = (own - q).abs().flatten(1).amax(1)
+                j = int(dist.argmin())
+                assert dist[j] < 1e-6  # a downscaled real image of shard k ...
+                assert tiny_prepared.train_labels[shard][j] == labels[i]  # ... of the image's class
+                assert (other - q).abs().flatten(1).amax(1).min() > 1e-3  # not of the other shard
+                used.add(j)
+            assert len(used) == 4  # four different real images
+
+
+def test_factor_one_stores_real_images(tiny_prepared) -> None:
+    m, part = _method(tiny_prepared, noe=1, **{"experts.idc.factor": 1, "distill.budget": 4})
+    assert m.decoding == "none"
+    syn = m.init_images()
+    assert syn.shape == (1, 3 * 4, 3, 32, 32)
+    real = tiny_prepared.train_images[part.shards[0]].float() / 255
+    for i, img in enumerate(syn[0]):
+        j = int((real - img).abs().flatten(1).amax(1).argmin())
+        assert torch.equal(real[j], img)
+        assert tiny_prepared.train_labels[part.shards[0]][j] == m.ctx.labels()[i]
+
+
+def test_decode_matches_the_evaluator_per_expert() -> None:
+    x = torch.rand(2, 3, 3, 8, 8)
+    d = decode(x, 2)
+    assert d.shape == (2, 12, 3, 8, 8)
+    for k in range(2):
+        ref, _ = decode_quadrants(x[k], torch.zeros(3, dtype=torch.long))
+        assert torch.allclose(d[k], ref)
+    assert decode(x, 1) is x
+
+
+@pytest.mark.parametrize("metric", ["mse", "l1", "cos"])
+def test_gradient_distance_zero_iff_equal(metric: str) -> None:
+    g = [torch.randn(4, 3, 3, 3), torch.randn(5, 4, 3, 3)]
+    assert gradient_distance(g, [t.clone() for t in g], metric).abs() < 1e-5
+    other = [g[0], g[1] + torch.randn_like(g[1])]
+    assert gradient_distance(g, other, metric) > 1e-3
+    if metric == "mse":
+        assert torch.isclose(gradient_distance(g, other, metric), (other[1] - g[1]).pow(2).sum())
+
+
+def test_only_conv_weights_are_matched(tiny_prepared) -> None:
+    """The matching loss equals the mse over the conv-weight gradients of a manual computation."""
+    m, part = _method(tiny_prepared, noe=1, **{"experts.idc.factor": 1})
+    net = m.fresh_net(0)
+    convs = {id(mod.weight) for mod in net.modules() if isinstance(mod, nn.Conv2d)}
+    assert {id(p) for p in conv_weights(net)} == convs and len(convs) == 3
+    m.match_aug = lambda x, unit, n, gen: x  # type: ignore[assignment]  # no augmentation
+    syn = m.init_images().requires_grad_(True)
+    idx = m.class_draw(0, 4, m.ctx.generator(0))[1]
+    _, per_expert, _ = m.match_class(net, syn, 1, [idx], m.ctx.generator(0, 2))
+    real = m.ctx.normalize(m.ctx.shard_images[0][idx])
+    ipc = m.ctx.ipc
+    fake = m.normalize(syn[0, ipc:2 * ipc].detach())
+    params = list(net.parameters())
+    g_r = torch.autograd.grad(F.cross_entropy(net(real), torch.ones(4, dtype=torch.long)), params)
+    g_s = torch.autograd.grad(F.cross_entropy(net(fake), torch.ones(ipc, dtype=torch.long)), params)
+    conv_only = sum((a - b).pow(2).sum() for a, b, p in zip(g_r, g_s, params) if p.dim() == 4)
+    everything = sum((a - b).pow(2).sum() for a, b in zip(g_r, g_s))
+    assert torch.isclose(per_expert[0], conv_only, rtol=1e-4)
+    assert not torch.isclose(per_expert[0], everything, rtol=1e-4)
+
+
+def test_images_of_the_class_receive_gradients(tiny_prepared) -> None:
+    m, _ = _method(tiny_prepared, **{"distill.dcor_weight": 1.0})
+    syn = m.init_images().requires_grad_(True)
+    net = m.fresh_net(0)
+    gen = m.ctx.generator(0, 2)
+    idx = [m.class_draw(k, 4, gen)[1] for k in range(2)]
+    total, per_expert, dcor = m.match_class(net, syn, 1, idx, gen)
+    total.backward()
+    assert syn.grad is not None
+    g = syn.grad.abs().sum((2, 3, 4))  # (NoE, C·IPC), IPC 1
+    assert (g[:, 1] > 0).all()  # class 1 = image 1 of every expert
+    assert g[:, 0].sum() == 0 and g[:, 2].sum() == 0
+    assert (per_expert > 0).all() and 0 <= dcor <= 1
+
+
+def test_matching_steps_with_a_fixed_network_lower_the_loss(tiny_prepared) -> None:
+    m, _ = _method(tiny_prepared, **{"experts.idc.lr_img": 0.01})
+    syn = m.init_images().requires_grad_(True)
+    m.setup(syn)
+    net = m.fresh_net(0)
+    first, _ = m.match_phase(net, syn, m.ctx.generator(0, 2))
+    for _ in range(2):  # same generator seed: same real batches and augmentation
+        m.match_phase(net, syn, m.ctx.generator(0, 2))
+    last, _ = m.match_phase(net, syn, m.ctx.generator(0, 2))
+    assert last.sum() < 0.8 * first.sum()
+
+
+def test_cutmix_pastes_a_box_from_a_permutation() -> None:
+    x, y = torch.rand(8, 3, 32, 32), torch.arange(8)
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        out, y_b, r = cutmix(x, y, 1.0, np.random.default_rng(seed), gen)
+        perm = torch.randperm(8, generator=torch.Generator().manual_seed(seed))
+        assert out.shape == x.shape and 0.0 <= r <= 1.0
+        assert torch.equal(y_b, y[perm])
+        changed = (out != x).any(1)  # (B, H, W)
+        for i in range(8):
+            if perm[i] != i:
+                assert changed[i].sum() == round((1 - r) * 32 * 32)  # the box, area 1 − r
+            assert torch.equal(out[i][:, changed[i]], x[perm[i]][:, changed[i]])
+        assert torch.equal(out[~changed.unsqueeze(1).expand_as(x)], x[~changed.unsqueeze(1).expand_as(x)])
+
+
+def test_step_clamps_and_logs_every_key(tiny_prepared) -> None:
+    m, _ = _method(tiny_prepared, **{"experts.idc.lr_img": 1e-9, "experts.idc.inner_loop": 1,
+                                     "distill.dcor_weight": 0.5})
+    syn = m.init_images().requires_grad_(True)
+    with torch.no_grad():
+        syn[0, 0] += 3.0
+        syn[1, 0] -= 3.0
+    m.setup(syn)
+    out = m.step(syn, 0)
+    assert syn.max() <= 1 + 1e-6 and syn.min() >= -1e-6  # clamped at the start of the iteration
+    assert {"loss", "match", "dcor", "match_e0", "match_e1", "net_acc"} <= set(out)
+    assert all(v.dim() == 0 and torch.isfinite(v) and not v.requires_grad for v in out.values())
+    assert 0 <= out["net_acc"] <= 1
+    assert torch.isclose(out["match"], out["match_e0"] + out["match_e1"])
+    assert torch.isclose(out["loss"], out["match"] + 0.5 * out["dcor"])
+
+
+def test_lr_img_scales_with_ipc(tiny_prepared) -> None:
+    m1, _ = _method(tiny_prepared)  # IPC 1 per expert
+    m4, _ = _method(tiny_prepared, **{"distill.budget": 8})  # IPC 4 per expert
+    assert m1.lr_img == pytest.approx(5e-4) and m4.lr_img == pytest.approx(2e-3)
+    fixed, _ = _method(tiny_prepared, **{"experts.idc.lr_img": 0.3})
+    syn = fixed.init_images().requires_grad_(True)
+    fixed.setup(syn)
+    assert fixed.opt.param_groups[0]["lr"] == 0.3
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tiny_prepared, tmp_path: Path) -> None:
+    params = tiny_params(**{**TINY, "experts.idc.iterations": 2, "experts.idc.n_data": 8,
+                            "experts.idc.batch_real": 2, "distill.checkpoint_every": 1,
+                            "distill.log_every": 1})
+    part = make_partition(tiny_prepared.train_labels, 3, 2, 0, tiny_prepared.digest)
+    full = run_distillation("idc", params, tiny_prepared, part, CPU, checkpoint_dir=None)
+
+    def stop_after_two(done: int, total: int, rows: list) -> None:
+        if done == 2:
+            raise Interrupt
+
+    ckdir = tmp_path / "ck"
+    with pytest.raises(Interrupt):
+        run_distillation("idc", params, tiny_prepared, part, CPU, checkpoint_dir=ckdir, on_log=stop_after_two)
+    assert len(list(ckdir.glob("*.pt"))) == 1  # written after iteration 1
+    resumed = run_distillation("idc", params, tiny_prepared, part, CPU, checkpoint_dir=ckdir)
+    assert resumed.resumed_from == 1
+    assert torch.equal(resumed.images, full.images)
+    assert [r["step"] for r in resumed.history] == [0.0, 1.0]
+    assert resumed.metas[0].space == "pixel" and resumed.metas[0].decoding == "multiformation2"
