@@ -159,7 +159,7 @@ def _expert_child_runs(parent_id: str, noe: int, expert: str, ipc: int) -> list[
 @app.command()
 @_user_errors
 def distill(
-    expert: Annotated[str, typer.Option(help="Expert method: random | dm (and any registered method).")],
+    expert: Annotated[str, typer.Option(help="Expert method: random | dm | idm | idc (any registered method; see `moedd list`).")],
     noe: Annotated[int, typer.Option(help="Number of experts; each distills budget/NoE images per class.")] = 2,
     budget: Annotated[int | None, typer.Option(help="Images per class in total (default: distill.budget).")] = None,
     iterations: Annotated[int | None, typer.Option(help="Override experts.<expert>.iterations.")] = None,
