@@ -362,13 +362,14 @@ def report(
     """Print the cross-architecture table (ours beside the paper's where the setting matches)."""
     from rich.console import Console
 
-    from moedd.report import collect, render_markdown, render_table
+    from moedd.report import collect, protocol_line, render_markdown, render_table
 
     params = _params(params_path, sets)
     rows = collect(sorted(metrics_dir.glob("*.json")))
     if not rows:
         raise ConfigError(f"no evaluation metrics in {metrics_dir}; run `moedd evaluate` (or `dvc repro`) first")
     Console(width=max(console.width, 160)).print(render_table(rows))
+    typer.echo(protocol_line(rows))
     md = render_markdown(rows)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

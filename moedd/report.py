@@ -89,8 +89,11 @@ def _grid(cells: list[Cell]) -> tuple[list[str], list[list[str]]]:
 
 def protocol_line(cells: list[Cell]) -> str:
     """One line naming the protocol(s) of the runs in the table."""
-    protos = sorted({f"{c.epochs} epochs, {c.n} seeds, fusion {c.fusion} (mixup only where NoE>1)" for c in cells})
-    return "Protocol: " + "; ".join(protos) + ". Accuracy in % on the full real test set, mean ± std over seeds."
+    runs = sorted({f"{c.epochs} epochs x {c.n} seeds" for c in cells})
+    fusions = sorted({c.fusion for c in cells if c.noe > 1})
+    fusion = f"fusion {'/'.join(fusions)} where NoE > 1 (none at NoE = 1)" if fusions else "single experts, no fusion"
+    return (f"Protocol: {'; '.join(runs)}; {fusion}. "
+            "Accuracy (%) on the full real test set after the last epoch, mean ± std over seeds.")
 
 
 def render_markdown(cells: list[Cell]) -> str:
@@ -104,7 +107,7 @@ def render_markdown(cells: list[Cell]) -> str:
 def render_table(cells: list[Cell]) -> Table:
     """The table as a rich Table (the CLI prints it)."""
     header, body = _grid(cells)
-    table = Table(title="Cross-architecture accuracy (%)", caption=protocol_line(cells))
+    table = Table(title="Cross-architecture accuracy (%)")
     for h in header:
         table.add_column(h, justify="left" if h in ("Method", "Eval net") else "right")
     for row in body:
