@@ -129,7 +129,8 @@ def parent_run_id(params: Params) -> str:
         )
         if found:
             return found[0].info.run_id
-        with mlflow.start_run(run_name=key, tags={PIPELINE_TAG: key, **lineage_tags()}) as run:
+        tags = {k: v for k, v in lineage_tags().items() if k != "dvc.stage"}  # a parent spans all stages
+        with mlflow.start_run(run_name=key, tags={PIPELINE_TAG: key, **tags}) as run:
             mlflow.log_params(flatten(params))
         return run.info.run_id
 
