@@ -101,7 +101,7 @@ def test_push_to_the_local_remote(repo) -> None:
     root, env = repo
     _run(["dvc", "push"], root, env)
     assert any((root / "storage").rglob("*"))
-    assert _run(["dvc", "status", "-c", "-q"], root, env).strip()
+    assert not _run(["dvc", "status", "-c", "-q"], root, env).strip()  # rc 0 and silent: in sync
 
 
 def test_queued_experiments_lose_no_mlflow_runs(repo) -> None:
