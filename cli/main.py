@@ -190,13 +190,12 @@ def _run_distill(
     out: Path | None, metrics: Path | None, plots: Path | None, checkpoint_dir: Path,
 ) -> None:
     import mlflow
-    import torch
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     from moedd.data import load_partition, load_prepared, make_partition
     from moedd.device import resolve_device
-    from moedd.distill import build_method, run_distillation
+    from moedd.distill import run_distillation, validate_run
     from moedd.synthetic import save_synthetic
     from moedd.tracking import git_commit, log_input, stage_run
     from moedd.visualize import expert_grid
@@ -211,7 +210,8 @@ def _run_distill(
     else:
         console.log(f"{part_file} not found: partitioning in memory (seed {params.partition.seed})")
         part = make_partition(prep.train_labels, prep.num_classes, noe, params.partition.seed, prep.digest)
-    total = build_method(expert, params, prep, part, torch.device("cpu")).iterations  # validate before any work
+    validate_run(expert, params, prep, part)  # before any work or tracking
+    total = int(getattr(params.experts.for_method(expert), "iterations", 0))
     target = out or Path(f"data/synthetic/{expert}-noe{noe}")
     stage_params = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget, "device": str(device),
                     **flatten(params.distill, "distill."), **flatten(params.experts.for_method(expert), f"experts.{expert}.")}
@@ -242,7 +242,7 @@ def _run_distill(
                         client.log_batch(cid, metrics=ms)
 
             result = run_distillation(expert, params, prep, part, device, checkpoint_dir, on_log, git_commit())
-        save_synthetic(target, list(result.images), [result.labels] * noe, result.metas)
+        written = save_synthetic(target, list(result.images), [result.labels] * noe, result.metas)
         for k, cid in enumerate(child_ids):
             client.log_image(cid, expert_grid(result.images[k], result.metas[k]), artifact_file=f"grids/expert-{k}.png")
             client.log_dict(cid, json.loads(result.metas[k].model_dump_json()), f"synthetic/expert-{k}.json")
@@ -253,16 +253,10 @@ def _run_distill(
         if result.history:
             summary.update({k: v for k, v in result.history[-1].items() if k != "step"})
         mlflow.log_metrics({"seconds": result.seconds, "iterations_done": float(len(result.history))})
-        mlflow.set_tag("synthetic_sha256", ",".join(m.sha256 for m in _reload_metas(target)))
+        mlflow.set_tag("synthetic_sha256", ",".join(m.sha256 for m in written))
         _write_json(metrics, summary)
         _write_plots(plots, result.history)
     console.log(f"wrote {noe} expert set(s) of {ipc} images/class -> {target} ({result.seconds:.1f}s)")
-
-
-def _reload_metas(target: Path) -> list[Any]:
-    from moedd.synthetic import SyntheticMeta
-
-    return [SyntheticMeta.model_validate_json(p.read_text()) for p in sorted(target.glob("expert-*.json"))]
 
 
 def _write_plots(path: Path | None, history: list[dict[str, float]]) -> None:

@@ -47,13 +47,20 @@ class CheckpointMismatch(ConfigError):
     """A checkpoint exists but was written for other inputs."""
 
 
-def build_method(name: str, params: Params, prepared: Prepared, partition: Partition, device: torch.device) -> ExpertMethod:
-    """Validate and construct the experts of method ``name`` on ``partition`` (no optimisation yet)."""
-    cls = EXPERTS.get(name)
+def validate_run(name: str, params: Params, prepared: Prepared, partition: Partition) -> int:
+    """Every check of a run that needs the data, cheap and before any work; returns IPC per expert."""
+    EXPERTS.get(name)
     ipc = check_budget(params.distill.budget, partition.noe)
     if partition.data_digest and partition.data_digest != prepared.digest:
         raise ConfigError("the partition was made from other data (digest differs); rerun `moedd partition`")
     check_ipc_fits(partition, prepared.train_labels, prepared.num_classes, ipc)
+    return ipc
+
+
+def build_method(name: str, params: Params, prepared: Prepared, partition: Partition, device: torch.device) -> ExpertMethod:
+    """Validate and construct the experts of method ``name`` on ``partition`` (no optimisation yet)."""
+    ipc = validate_run(name, params, prepared, partition)
+    cls = EXPERTS.get(name)
     images = prepared.train_images.to(device)
     labels = prepared.train_labels.to(device)
     ctx = DistillContext(

@@ -86,15 +86,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_synthetic(out_dir: str | Path, images: list[Tensor], labels: list[Tensor], metas: list[SyntheticMeta]) -> None:
-    """Write every expert's images and metadata into ``out_dir``."""
+def save_synthetic(
+    out_dir: str | Path, images: list[Tensor], labels: list[Tensor], metas: list[SyntheticMeta]
+) -> list[SyntheticMeta]:
+    """Write every expert's images and metadata into ``out_dir``; returns the metadata as written
+    (with each file's sha256)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    sealed = []
     for k, (x, y, meta) in enumerate(zip(images, labels, metas, strict=True)):
         pt = out / f"expert-{k}.pt"
         torch.save({"images": x.detach().float().cpu().contiguous(), "labels": y.cpu()}, pt)
-        sealed = meta.model_copy(update={"sha256": _sha256(pt)})
-        (out / f"expert-{k}.json").write_text(sealed.model_dump_json(indent=2))
+        sealed.append(meta.model_copy(update={"sha256": _sha256(pt)}))
+        (out / f"expert-{k}.json").write_text(sealed[-1].model_dump_json(indent=2))
+    return sealed
 
 
 def load_synthetic(path: str | Path) -> SyntheticSet:

@@ -55,3 +55,30 @@ def tiny_params(**overrides):
     }
     base.update(overrides)
     return load_params(None, base)
+
+
+class Interrupt(Exception):
+    """Raised from a progress callback to simulate an interrupted run."""
+
+
+def interrupt_at(n: int):
+    """An ``on_log`` callback that interrupts the run once ``n`` iterations are done."""
+
+    def on_log(done: int, total: int, rows: list) -> None:
+        if done == n:
+            raise Interrupt
+
+    return on_log
+
+
+def interrupted_then_resumed(name: str, params, prepared, partition, ckdir: Path, stop_at: int):
+    """Run ``name`` until ``stop_at`` (interrupted), check one checkpoint survived, resume; return the result."""
+    import torch
+
+    from moedd.distill import run_distillation
+
+    cpu = torch.device("cpu")
+    with pytest.raises(Interrupt):
+        run_distillation(name, params, prepared, partition, cpu, checkpoint_dir=ckdir, on_log=interrupt_at(stop_at))
+    assert len(list(ckdir.glob("*.pt"))) == 1
+    return run_distillation(name, params, prepared, partition, cpu, checkpoint_dir=ckdir)

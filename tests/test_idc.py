@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moedd.experts.idc  # noqa: F401  (registers "idc" until moedd.experts imports it)
-from conftest import tiny_params
+from conftest import interrupted_then_resumed, tiny_params
 from moedd.data import make_partition
 from moedd.distill import build_method, run_distillation
 from moedd.evaluate import decode_quadrants
@@ -191,10 +191,6 @@ def test_lr_img_scales_with_ipc(tiny_prepared) -> None:
     assert fixed.opt.param_groups[0]["lr"] == 0.3
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_equals_uninterrupted(tiny_prepared, tmp_path: Path) -> None:
     params = tiny_params(**{**TINY, "experts.idc.iterations": 2, "experts.idc.n_data": 8,
                             "experts.idc.batch_real": 2, "distill.checkpoint_every": 1,
@@ -202,15 +198,7 @@ def test_resume_equals_uninterrupted(tiny_prepared, tmp_path: Path) -> None:
     part = make_partition(tiny_prepared.train_labels, 3, 2, 0, tiny_prepared.digest)
     full = run_distillation("idc", params, tiny_prepared, part, CPU, checkpoint_dir=None)
 
-    def stop_after_two(done: int, total: int, rows: list) -> None:
-        if done == 2:
-            raise Interrupt
-
-    ckdir = tmp_path / "ck"
-    with pytest.raises(Interrupt):
-        run_distillation("idc", params, tiny_prepared, part, CPU, checkpoint_dir=ckdir, on_log=stop_after_two)
-    assert len(list(ckdir.glob("*.pt"))) == 1  # written after iteration 1
-    resumed = run_distillation("idc", params, tiny_prepared, part, CPU, checkpoint_dir=ckdir)
+    resumed = interrupted_then_resumed("idc", params, tiny_prepared, part, tmp_path / "ck", stop_at=2)
     assert resumed.resumed_from == 1
     assert torch.equal(resumed.images, full.images)
     assert [r["step"] for r in resumed.history] == [0.0, 1.0]

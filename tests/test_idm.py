@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import moedd.experts.idm  # noqa: F401  (registers "idm")
-from conftest import tiny_params
+from conftest import interrupted_then_resumed, tiny_params
 from moedd.config import ConfigError
 from moedd.data import make_partition
 from moedd.distill import build_method, run_distillation
@@ -276,25 +276,13 @@ def test_state_dict_round_trip_restores_queue_and_optimisers(tiny_prepared) -> N
             assert torch.equal(qa.opt.state[x]["momentum_buffer"], qb.opt.state[y]["momentum_buffer"])
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_equals_uninterrupted(tiny_prepared, tmp_path: Path) -> None:
     params = _params(**{"experts.idm.iterations": 6, "distill.checkpoint_every": 2, "distill.log_every": 1,
                         "experts.idm.fetch_net_num": 2})
     part = make_partition(tiny_prepared.train_labels, 3, 2, 0, tiny_prepared.digest)
     full = run_distillation("idm", params, tiny_prepared, part, CPU, checkpoint_dir=None)
 
-    def stop_after_three(done: int, total: int, rows: list) -> None:
-        if done == 3:
-            raise Interrupt
-
-    ckdir = tmp_path / "ck"
-    with pytest.raises(Interrupt):
-        run_distillation("idm", params, tiny_prepared, part, CPU, checkpoint_dir=ckdir, on_log=stop_after_three)
-    assert len(list(ckdir.glob("*.pt"))) == 1
-    resumed = run_distillation("idm", params, tiny_prepared, part, CPU, checkpoint_dir=ckdir)
+    resumed = interrupted_then_resumed("idm", params, tiny_prepared, part, tmp_path / "ck", stop_at=3)
     assert resumed.resumed_from == 2
     assert torch.equal(resumed.images, full.images)
     assert resumed.history == full.history  # every metric, queue accuracies included

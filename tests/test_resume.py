@@ -7,15 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_params
+from conftest import Interrupt, interrupt_at, interrupted_then_resumed, tiny_params
 from moedd.data import make_partition
 from moedd.distill import CheckpointMismatch, run_distillation
 
 CPU = torch.device("cpu")
-
-
-class Interrupt(Exception):
-    pass
 
 
 def test_resume_equals_uninterrupted(tiny_prepared, tmp_path: Path) -> None:
@@ -23,15 +19,8 @@ def test_resume_equals_uninterrupted(tiny_prepared, tmp_path: Path) -> None:
     part = make_partition(tiny_prepared.train_labels, 3, 2, 0, tiny_prepared.digest)
     full = run_distillation("dm", params, tiny_prepared, part, CPU, checkpoint_dir=None)
 
-    def stop_after_three(done: int, total: int, rows: list) -> None:
-        if done == 3:
-            raise Interrupt
-
     ckdir = tmp_path / "ck"
-    with pytest.raises(Interrupt):
-        run_distillation("dm", params, tiny_prepared, part, CPU, checkpoint_dir=ckdir, on_log=stop_after_three)
-    assert len(list(ckdir.glob("*.pt"))) == 1  # the checkpoint written after iteration 2 survived
-    resumed = run_distillation("dm", params, tiny_prepared, part, CPU, checkpoint_dir=ckdir)
+    resumed = interrupted_then_resumed("dm", params, tiny_prepared, part, ckdir, stop_at=3)
     assert resumed.resumed_from == 2
     assert torch.equal(resumed.images, full.images)
     assert [r["step"] for r in resumed.history] == [float(i) for i in range(6)]
@@ -42,12 +31,8 @@ def test_checkpoint_of_other_inputs_is_refused(tiny_prepared, tmp_path: Path) ->
     params = tiny_params(**{"experts.dm.iterations": 4, "distill.checkpoint_every": 2})
     part = make_partition(tiny_prepared.train_labels, 3, 2, 0, tiny_prepared.digest)
 
-    def stop(done: int, total: int, rows: list) -> None:
-        if done == 3:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        run_distillation("dm", params, tiny_prepared, part, CPU, checkpoint_dir=tmp_path, on_log=stop)
+        run_distillation("dm", params, tiny_prepared, part, CPU, checkpoint_dir=tmp_path, on_log=interrupt_at(3))
     ck = next(tmp_path.glob("*.pt"))
     other = tiny_params(**{"experts.dm.iterations": 4, "distill.checkpoint_every": 2, "experts.dm.lr_img": 3.0})
     state = torch.load(ck, weights_only=True)
