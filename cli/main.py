@@ -138,6 +138,90 @@ def partition(
     console.log(f"partition NoE={noe} seed={params.partition.seed}: shard sizes {sizes}, digest {part.digest[:12]} -> {target}")
 
 
+@app.command()
+@_user_errors
+def trajectories(
+    noe: Annotated[int, typer.Option(help="Number of experts (shards); teachers train on one shard each.")],
+    prepared: Annotated[Path, typer.Option(help="Prepared store.")] = Path("data/prepared"),
+    partition_path: Annotated[Path | None, typer.Option("--partition", help="Partition file (default data/partitions/noe<N>.pt).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Trajectories directory (default data/trajectories/noe<N>).")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="Summary metrics JSON (for DVC).")] = None,
+    teachers: Annotated[int | None, typer.Option(help="Teachers per shard (default: trajectories.num_teachers).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per teacher (default: trajectories.epochs, else MTT's max_start_epoch + expert_epochs).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N] (default: trajectories.device).")] = None,
+    params_path: ParamsOpt = Path("params.yaml"),
+    sets: SetOpt = None,
+) -> None:
+    """Train MTT teacher trajectories on every shard (resumable: finished teachers are kept)."""
+    params = _params(params_path, sets, **{
+        "trajectories.num_teachers": teachers, "trajectories.epochs": epochs, "trajectories.device": device,
+    })
+    check_budget(params.distill.budget, noe)
+    _run_trajectories(params, noe, prepared, partition_path or Path(f"data/partitions/noe{noe}.pt"),
+                      out or Path(f"data/trajectories/noe{noe}"), metrics)
+
+
+def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path, target: Path, metrics: Path | None) -> None:
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from moedd.data import load_partition, load_prepared
+    from moedd.device import resolve_device
+    from moedd.tracking import log_input, stage_run
+    from moedd.trajectories import TeacherRecord, mtt_config, summarize, teacher_epochs, train_teachers, validate_trajectories
+
+    device = resolve_device(params.trajectories.device)
+    prep = load_prepared(prepared)
+    part = load_partition(part_file)
+    if part.noe != noe:
+        raise ConfigError(f"{part_file} has {part.noe} shards but --noe is {noe}")
+    ipc = validate_trajectories(params, prep, part)  # before any work or tracking
+    epochs, mtt, cfg = teacher_epochs(params, ipc), mtt_config(params, ipc), params.trajectories
+    stage_params = {**flatten(cfg, "trajectories."), "epochs": epochs, "zca": mtt.zca, "zca_eps": mtt.zca_eps,
+                    "noe": noe, "ipc": ipc, "net": params.distill.net, "device": str(device)}
+    name = f"trajectories {ipc}x{noe}"
+    with stage_run(params, name, stage_params, {"stage": "trajectories"}) as run:
+        space = "ZCA" if mtt.zca else "normalized"
+        console.log(f"{name}: {cfg.num_teachers} teachers x {epochs} epochs per shard, {space} inputs, "
+                    f"device {device}, MLflow run {run.info.run_id[:8]}")
+        log_input(prepared, "prepared", "data", prep.digest)
+        log_input(part_file, f"partition-noe{noe}", "partition", part.digest)
+        client, run_id = MlflowClient(), run.info.run_id
+        with bars() as b:
+            for k in range(noe):
+                b.add(f"shard {k}", cfg.num_teachers * epochs)
+
+            def curve(k: int, i: int, accs: list[float], losses: list[float], first: int) -> None:
+                now, key = int(time.time() * 1000), f"shard{k}.teacher{i:03d}"
+                client.log_batch(run_id, metrics=[
+                    m for e, (a, loss) in enumerate(zip(accs, losses, strict=True), start=first)
+                    for m in (Metric(f"train_acc.{key}", 100 * a, now, e), Metric(f"train_loss.{key}", loss, now, e))
+                ])
+
+            def on_epoch(k: int, i: int, epoch: int, acc: float, loss: float) -> None:
+                b.update(f"shard {k}", i * epochs + epoch, f"teacher {i}, train acc {100 * acc:.1f}%")
+                curve(k, i, [acc], [loss], epoch)
+
+            def on_teacher(rec: TeacherRecord) -> None:
+                if rec.skipped:  # kept from an earlier run: this run still gets its curve
+                    curve(rec.shard, rec.index, rec.train_acc, rec.train_loss, 1)
+                mlflow.log_metric(f"test_acc.shard{rec.shard}.teacher{rec.index:03d}", 100 * rec.test_acc)
+                state = "kept" if rec.skipped else "trained"
+                b.update(f"shard {rec.shard}", (rec.index + 1) * epochs, f"teacher {rec.index} {state}, test acc {100 * rec.test_acc:.1f}%")
+
+            result = train_teachers(params, prep, part, target, device, on_epoch, on_teacher)
+        out = summarize(result)
+        mlflow.log_metrics({"test_acc_mean": out["test_acc_mean"], "test_acc_std": out["test_acc_std"],
+                            "trained": result.trained, "kept": result.skipped, "seconds": result.seconds,
+                            **{f"test_acc_mean.shard{k}": v for k, v in out["test_acc_per_shard"].items()}})
+        mlflow.set_tag("trajectories_digest", result.meta["digest"])
+        client.log_dict(run_id, result.meta, "trajectories/meta.json")
+        _write_json(metrics, out)
+    console.log(f"{result.trained} teacher(s) trained, {result.skipped} kept; mean test acc {out['test_acc_mean']:.2f}% "
+                f"({result.seconds:.1f}s) -> {target}")
+
+
 def _expert_child_runs(parent_id: str, noe: int, expert: str, ipc: int) -> list[str]:
     """One MLflow child run per expert under the distill run (logged to with the client API)."""
     import mlflow
@@ -170,6 +254,7 @@ def distill(
     metrics: Annotated[Path | None, typer.Option(help="Summary metrics JSON (for DVC).")] = None,
     plots: Annotated[Path | None, typer.Option(help="Loss curve CSV (for DVC plots).")] = None,
     checkpoint_dir: Annotated[Path, typer.Option(help="Where resumable checkpoints live.")] = Path(".moedd/checkpoints"),
+    trajectories: Annotated[Path | None, typer.Option(help="Teacher trajectories of the shards (MTT; default data/trajectories/noe<N>).")] = None,
     params_path: ParamsOpt = Path("params.yaml"),
     sets: SetOpt = None,
 ) -> None:
@@ -182,12 +267,15 @@ def distill(
         f"experts.{expert}.iterations": iterations,
     })
     ipc = check_budget(params.distill.budget, noe)
-    _run_distill(params, expert, noe, ipc, prepared, partition_path, out, metrics, plots, checkpoint_dir)
+    if expert == "mtt" and trajectories is None:
+        trajectories = Path(f"data/trajectories/noe{noe}")
+    _run_distill(params, expert, noe, ipc, prepared, partition_path, out, metrics, plots, checkpoint_dir, trajectories)
 
 
 def _run_distill(
     params: Params, expert: str, noe: int, ipc: int, prepared: Path, partition_path: Path | None,
     out: Path | None, metrics: Path | None, plots: Path | None, checkpoint_dir: Path,
+    trajectories_path: Path | None = None,
 ) -> None:
     import mlflow
     from mlflow.entities import Metric
@@ -196,6 +284,7 @@ def _run_distill(
     from moedd.data import load_partition, load_prepared, make_partition
     from moedd.device import resolve_device
     from moedd.distill import run_distillation, validate_run
+    from moedd.presets import method_config
     from moedd.synthetic import save_synthetic
     from moedd.tracking import git_commit, log_input, stage_run
     from moedd.visualize import expert_grid
@@ -210,17 +299,28 @@ def _run_distill(
     else:
         console.log(f"{part_file} not found: partitioning in memory (seed {params.partition.seed})")
         part = make_partition(prep.train_labels, prep.num_classes, noe, params.partition.seed, prep.digest)
-    validate_run(expert, params, prep, part)  # before any work or tracking
-    total = int(getattr(params.experts.for_method(expert), "iterations", 0))
+    traj = None
+    if trajectories_path is not None:
+        from moedd.trajectories import load_trajectories
+
+        if not trajectories_path.exists():
+            raise ConfigError(f"{trajectories_path} not found: run `moedd trajectories --noe {noe}` first")
+        traj = load_trajectories(trajectories_path)
+    validate_run(expert, params, prep, part, device, traj)  # before any work or tracking
+    cfg, preset = method_config(params, expert, ipc)
+    total = int(getattr(cfg, "iterations", 0))
     target = out or Path(f"data/synthetic/{expert}-noe{noe}")
     stage_params = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget, "device": str(device),
-                    **flatten(params.distill, "distill."), **flatten(params.experts.for_method(expert), f"experts.{expert}.")}
+                    **flatten(params.distill, "distill."), **flatten(cfg, f"experts.{expert}."),
+                    "preset": preset.label if preset else "none"}
     name = f"distill {expert} {ipc}x{noe}"
     with stage_run(params, name, stage_params, {"stage": "distill", "expert": expert}) as run:
         console.log(f"{name} on {prep.name} ({prep.num_classes} classes), device {device}, MLflow run {run.info.run_id[:8]}")
         log_input(prepared, "prepared", "data", prep.digest)
         if part_file.exists():
             log_input(part_file, f"partition-noe{noe}", "partition", part.digest)
+        if traj is not None and trajectories_path is not None:
+            log_input(trajectories_path, f"trajectories-noe{noe}", "trajectories", str(traj.meta.get("digest", "")))
         child_ids = _expert_child_runs(run.info.run_id, noe, expert, ipc)
         client = MlflowClient()
         with bars() as b:
@@ -234,17 +334,18 @@ def _run_distill(
                     b.update(f"{expert} expert {k}", done, f"loss {loss:.4g}" if loss is not None else "")
                 now = int(time.time() * 1000)
                 stage_metrics = [Metric(key, v, now, int(r["step"])) for r in rows for key, v in r.items() if key != "step" and not key.startswith("match_e")]
-                if stage_metrics:
-                    client.log_batch(run.info.run_id, metrics=stage_metrics)
+                for i in range(0, len(stage_metrics), 1000):  # MLflow takes at most 1000 per batch
+                    client.log_batch(run.info.run_id, metrics=stage_metrics[i:i + 1000])
                 for k, cid in enumerate(child_ids):
                     ms = [Metric("loss", r[f"match_e{k}"], now, int(r["step"])) for r in rows if f"match_e{k}" in r]
                     if ms:
                         client.log_batch(cid, metrics=ms)
 
-            result = run_distillation(expert, params, prep, part, device, checkpoint_dir, on_log, git_commit())
-        written = save_synthetic(target, list(result.images), [result.labels] * noe, result.metas)
+            result = run_distillation(expert, params, prep, part, device, checkpoint_dir, on_log, git_commit(), traj)
+        written = save_synthetic(target, list(result.images), [result.labels] * noe, result.metas, result.zca)
         for k, cid in enumerate(child_ids):
-            client.log_image(cid, expert_grid(result.images[k], result.metas[k]), artifact_file=f"grids/expert-{k}.png")
+            grid = expert_grid(result.images[k], result.metas[k], zca=result.zca)
+            client.log_image(cid, grid, artifact_file=f"grids/expert-{k}.png")
             client.log_dict(cid, json.loads(result.metas[k].model_dump_json()), f"synthetic/expert-{k}.json")
             client.set_terminated(cid)
         summary = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget,
@@ -395,7 +496,7 @@ def show(
     target.mkdir(parents=True, exist_ok=True)
     for k, (x, meta) in enumerate(zip(syn.images, syn.metas, strict=True)):
         path = target / f"expert-{k}.png"
-        Image.fromarray(expert_grid(x, meta)).save(path)
+        Image.fromarray(expert_grid(x, meta, zca=syn.zca)).save(path)
         typer.echo(str(path))
 
 

@@ -57,12 +57,28 @@ class GridConfig(_Section):
 
     experts: list[str] = ["random", "dm"]
     noe: list[int] = [1, 2]
+    mtt_noe: list[int] = []
+    """NoE values MTT runs with (MTT has its own stages, after the teacher trajectories; [] = no MTT)."""
 
     @field_validator("noe")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
         if not v or any(n < 1 for n in v):
             raise ValueError("grid.noe must list numbers of experts >= 1")
+        return v
+
+    @field_validator("mtt_noe")
+    @classmethod
+    def _positive_or_empty(cls, v: list[int]) -> list[int]:
+        if any(n < 1 for n in v):
+            raise ValueError("grid.mtt_noe must list numbers of experts >= 1 (or be empty)")
+        return v
+
+    @field_validator("experts")
+    @classmethod
+    def _no_mtt(cls, v: list[str]) -> list[str]:
+        if "mtt" in v:
+            raise ValueError("MTT has its own stages (it needs teacher trajectories): list its NoE values in grid.mtt_noe")
         return v
 
 
@@ -121,6 +137,8 @@ class DMExpertConfig(_Section):
 class IDMExpertConfig(_Section):
     """IDM (Zhao et al., CVPR 2023); defaults = CIFAR-10 IPC 10 row of algorithms.md §5.2."""
 
+    preset: str = "auto"
+    """Row of ``presets.idm`` to apply: auto (data.source) | cifar10 | cifar100 | none (moedd.presets)."""
     iterations: int = Field(20000, ge=0)
     lr_img: float = Field(0.2, gt=0)
     momentum: float = Field(0.5, ge=0, lt=1)
@@ -149,6 +167,7 @@ class IDMExpertConfig(_Section):
 class IDCExpertConfig(_Section):
     """IDC (Kim et al., ICML 2022); defaults = CIFAR reproduce settings of algorithms.md §6."""
 
+    preset: str = "auto"
     iterations: int = Field(2000, ge=0)
     """Outer iterations (a fresh network each)."""
     inner_loop: int = Field(100, ge=1)
@@ -172,6 +191,58 @@ class IDCExpertConfig(_Section):
     metric: Literal["mse", "l1", "cos"] = "mse"
 
 
+class MTTExpertConfig(_Section):
+    """MTT (Cazenavette et al., CVPR 2022); defaults = CIFAR-10 IPC 10 row of the author-provided
+    table (DC-Bench ``methods/tm/sota.md``, algorithms.md §7.3), which FTD's script confirms."""
+
+    preset: str = "auto"
+    iterations: int = Field(5000, ge=0)
+    syn_steps: int = Field(30, ge=1)
+    """N: unrolled student steps per iteration (memory grows linearly with it)."""
+    expert_epochs: int = Field(2, ge=1)
+    """M: the student's target is the teacher M epochs after the start epoch."""
+    max_start_epoch: int = Field(20, ge=1)
+    """T+: start epochs are drawn from 0 .. T+-1."""
+    batch_syn: int | None = Field(None, ge=1)
+    """Synthetic images per student step (None = all of the expert's images; memory knob)."""
+    lr_img: float = Field(100.0, gt=0)
+    lr_lr: float = Field(1e-5, gt=0)
+    lr_teacher: float = Field(0.001, gt=0)
+    """α0: initial value of the learnable student learning rate."""
+    momentum: float = Field(0.5, ge=0, lt=1)
+    """SGD momentum of the image and learning-rate optimisers."""
+    zca: bool = True
+    """Distill (and train teachers) in ZCA-whitened space (kornia math, eps 0.1, fitted on the
+    full training set)."""
+    zca_eps: float = Field(0.1, gt=0)
+    dsa_strategy: str = DSA_STRATEGY
+    max_memory_gb: float | None = Field(None, gt=0)
+    """Refuse a run whose estimated peak memory exceeds this (None = the device's memory)."""
+
+
+class TrajectoriesConfig(_Section):
+    """Teacher trajectories for MTT (algorithms.md §7.1, ``buffer.py``): N ConvNets per shard."""
+
+    num_teachers: int = Field(100, ge=1)
+    """Teachers per shard (MTT: 100)."""
+    epochs: int | None = Field(None, ge=1)
+    """Epochs per teacher; None = what MTT can use: max_start_epoch + expert_epochs."""
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1)
+    dsa: bool = True
+    dsa_strategy: str = DSA_STRATEGY
+    seed: int = 0
+    device: str = "auto"
+    test_batch_size: int = Field(1000, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _check_device(v)
+
+
 class ExpertsConfig(_Section):
     """One section per registered expert method, holding that method's hyper-parameters."""
 
@@ -179,6 +250,7 @@ class ExpertsConfig(_Section):
     dm: DMExpertConfig = DMExpertConfig()
     idm: IDMExpertConfig = IDMExpertConfig()
     idc: IDCExpertConfig = IDCExpertConfig()
+    mtt: MTTExpertConfig = MTTExpertConfig()
 
     def for_method(self, name: str) -> BaseModel:
         from moedd.experts import EXPERTS
@@ -261,6 +333,9 @@ class Params(_Section):
     grid: GridConfig = GridConfig()
     distill: DistillConfig = DistillConfig()
     experts: ExpertsConfig = ExpertsConfig()
+    presets: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    """Per-setting rows: presets.<method>.<dataset>.<ipc> = {key: value} (see moedd.presets)."""
+    trajectories: TrajectoriesConfig = TrajectoriesConfig()
     fusion: FusionConfig = FusionConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     mlflow: MlflowConfig = MlflowConfig()
@@ -271,8 +346,15 @@ class Params(_Section):
 
         for name in self.grid.experts:
             EXPERTS.get(name)
-        for noe in self.grid.noe:
+        for noe in [*self.grid.noe, *self.grid.mtt_noe]:
             check_budget(self.distill.budget, noe)
+        missing = [n for n in self.grid.mtt_noe if n not in self.grid.noe]
+        if missing:  # the partition stage only makes partitions for grid.noe
+            raise ValueError(f"grid.mtt_noe lists NoE {', '.join(map(str, missing))} but grid.noe does not; "
+                             "MTT needs the partitions of grid.noe: add them there")
+        from moedd.presets import check_presets
+
+        check_presets(self)
         return self
 
 
@@ -295,11 +377,15 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``tree['a']['b'] = value`` for ``dotted='a.b'``, creating sections as needed."""
     *parents, leaf = dotted.split(".")
     node = tree
+
+    def existing(d: dict[Any, Any], key: str) -> Any:  # YAML int keys (preset IPC rows) match "10"
+        return int(key) if key not in d and key.isdigit() and int(key) in d else key
+
     for key in parents:
-        node = node.setdefault(key, {})
+        node = node.setdefault(existing(node, key), {})
         if not isinstance(node, dict):
             raise ConfigError(f"cannot set '{dotted}': '{key}' is not a section")
-    node[leaf] = value
+    node[existing(node, leaf)] = value
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:

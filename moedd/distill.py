@@ -24,7 +24,8 @@ from torch import Tensor
 
 from moedd.config import ConfigError, Params, check_budget
 from moedd.data import Partition, Prepared, check_ipc_fits
-from moedd.experts import EXPERTS, DistillContext, ExpertMethod
+from moedd.experts import EXPERTS, DistillContext, ExpertMethod, RunSpec
+from moedd.presets import method_config
 from moedd.synthetic import SyntheticMeta
 
 LogFn = Callable[[int, int, list[dict[str, float]]], None]
@@ -41,42 +42,60 @@ class DistillResult:
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     seconds: float = 0.0
+    zca: Any = None
+    """The ZCA transform of a ZCA-space set (MTT), saved with it."""
 
 
 class CheckpointMismatch(ConfigError):
     """A checkpoint exists but was written for other inputs."""
 
 
-def validate_run(name: str, params: Params, prepared: Prepared, partition: Partition) -> int:
+def validate_run(name: str, params: Params, prepared: Prepared, partition: Partition,
+                 device: torch.device | None = None, trajectories: Any = None) -> int:
     """Every check of a run that needs the data, cheap and before any work; returns IPC per expert."""
-    EXPERTS.get(name)
+    cls = EXPERTS.get(name)
     ipc = check_budget(params.distill.budget, partition.noe)
     if partition.data_digest and partition.data_digest != prepared.digest:
         raise ConfigError("the partition was made from other data (digest differs); rerun `moedd partition`")
     check_ipc_fits(partition, prepared.train_labels, prepared.num_classes, ipc)
+    cfg, _ = method_config(params, name, ipc)  # a bad preset choice fails here
+    if trajectories is not None:
+        meta = trajectories.meta
+        if meta.get("partition_digest") and meta["partition_digest"] != partition.digest:
+            raise ConfigError("the teacher trajectories were trained on another partition; rerun `moedd trajectories`")
+        if meta.get("data_digest") and meta["data_digest"] != prepared.digest:
+            raise ConfigError("the teacher trajectories were trained on other data; rerun `moedd trajectories`")
+    spec = RunSpec(partition.noe, ipc, prepared.num_classes, tuple(prepared.image_shape), params.distill.net,
+                   device or torch.device("cpu"), trajectories)
+    cls.check_inputs(cfg, spec)
     return ipc
 
 
-def build_method(name: str, params: Params, prepared: Prepared, partition: Partition, device: torch.device) -> ExpertMethod:
+def build_method(name: str, params: Params, prepared: Prepared, partition: Partition, device: torch.device,
+                 trajectories: Any = None) -> ExpertMethod:
     """Validate and construct the experts of method ``name`` on ``partition`` (no optimisation yet)."""
-    ipc = validate_run(name, params, prepared, partition)
+    ipc = validate_run(name, params, prepared, partition, device, trajectories)
     cls = EXPERTS.get(name)
     images = prepared.train_images.to(device)
     labels = prepared.train_labels.to(device)
+    cfg, _ = method_config(params, name, ipc)
     ctx = DistillContext(
         shard_images=[images[s.to(device)] for s in partition.shards],
         shard_labels=[labels[s.to(device)] for s in partition.shards],
         num_classes=prepared.num_classes, ipc=ipc, mean=prepared.mean, std=prepared.std,
         device=device, net=params.distill.net, dcor_weight=params.distill.dcor_weight, seed=params.distill.seed,
+        trajectories=trajectories,
     )
-    return cls(params.experts.for_method(name), ctx)
+    return cls(cfg, ctx)
 
 
-def fingerprint(name: str, params: Params, prepared: Prepared, partition: Partition) -> str:
+def fingerprint(name: str, params: Params, prepared: Prepared, partition: Partition, trajectories: Any = None) -> str:
     """Identifies the inputs of a run: a checkpoint is only resumed for the same fingerprint."""
-    cfg = params.experts.for_method(name).model_dump()
+    ipc = check_budget(params.distill.budget, partition.noe)
+    cfg = method_config(params, name, ipc)[0].model_dump()
     d = params.distill.model_dump(exclude={"device", "checkpoint_every", "log_every"})
-    blob = json.dumps([name, cfg, d, prepared.digest, partition.digest], sort_keys=True, default=str)
+    teachers = trajectories.meta if trajectories is not None else None
+    blob = json.dumps([name, cfg, d, prepared.digest, partition.digest, teachers], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -145,6 +164,7 @@ def run_distillation(
     checkpoint_dir: Path | None = None,
     on_log: LogFn | None = None,
     git_commit: str = "",
+    trajectories: Any = None,
 ) -> DistillResult:
     """Distill ``prepared`` with NoE = ``partition.noe`` experts of method ``name``.
 
@@ -157,16 +177,19 @@ def run_distillation(
         checkpoint_dir: where to keep the resumable checkpoint (None = no checkpoints).
         on_log: progress/metrics callback.
         git_commit: recorded in the metadata.
+        trajectories: teacher trajectories of the shards (MTT), from ``moedd.trajectories``.
     """
     t0 = time.perf_counter()
-    method = build_method(name, params, prepared, partition, device)
-    fp = fingerprint(name, params, prepared, partition)
+    method = build_method(name, params, prepared, partition, device, trajectories)
+    fp = fingerprint(name, params, prepared, partition, trajectories)
     ckpt = checkpoint_dir / f"{name}-noe{partition.noe}-{fp}.pt" if checkpoint_dir else None
     images, history, start = optimise(
         method, ckpt, fp, params.distill.checkpoint_every, params.distill.log_every, on_log
     )
     labels = method.ctx.labels().cpu()
     ipc = method.ctx.ipc
+    cfg, preset = method_config(params, name, ipc)
+    zca = getattr(method, "zca", None)
     metas = [
         SyntheticMeta(
             method=name, expert=k, noe=partition.noe, ipc=ipc, budget=params.distill.budget,
@@ -174,11 +197,12 @@ def run_distillation(
             mean=list(prepared.mean), std=list(prepared.std), decoding=method.decoding,
             learned_lr=method.learned_lr(), data_digest=prepared.digest, partition_digest=partition.digest,
             shard_size=len(partition.shards[k]), seed=params.distill.seed, iterations=method.iterations,
-            net=params.distill.net, git_commit=git_commit,
-            config={"distill": params.distill.model_dump(), name: params.experts.for_method(name).model_dump()},
+            net=params.distill.net, git_commit=git_commit, zca_digest=zca.digest if zca is not None else "",
+            config={"distill": params.distill.model_dump(), name: cfg.model_dump(),
+                    "preset": preset.label if preset else "none"},
         )
         for k in range(partition.noe)
     ]
     if ckpt is not None:
         ckpt.unlink(missing_ok=True)
-    return DistillResult(images.cpu(), labels, metas, history, start, time.perf_counter() - t0)
+    return DistillResult(images.cpu(), labels, metas, history, start, time.perf_counter() - t0, zca)

@@ -78,11 +78,21 @@ def pool_experts(syn: SyntheticSet, base_lr: float, device: torch.device) -> Tra
         dx, dy = decode(x.float(), y)
         if syn.meta.space == "pixel":  # IDC stores [0, 1] pixels; training uses normalised images
             dx = (dx - mean) / std
+        # 'normalized' and 'zca' sets are already in their training space
         xs.append(dx)
         ys.append(dy)
         es.append(torch.full_like(dy, k))
     lr = syn.meta.learned_lr if syn.meta.learned_lr is not None else base_lr
     return TrainingSet(torch.cat(xs).to(device), torch.cat(ys).to(device), torch.cat(es).to(device), lr)
+
+
+def prepare_test_images(syn: SyntheticSet, images_u8: Tensor, device: torch.device) -> Tensor:
+    """uint8 test images -> the space the set's networks train in: ZCA-whitened with the set's
+    own transform for 'zca' sets, else mean/std-normalised (also for pixel-space sets, whose
+    training images are normalised by ``pool_experts``)."""
+    if syn.meta.space == "zca":
+        return syn.zca.apply_u8(images_u8.to(device))
+    return normalize_test(images_u8, tuple(syn.meta.mean), tuple(syn.meta.std), device)
 
 
 def normalize_test(images_u8: Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> Tensor:
@@ -185,7 +195,7 @@ def evaluate_synthetic(
         Per network name, the accuracies (fractions) in seed order.
     """
     data = pool_experts(syn, cfg.lr, device)
-    test_x = normalize_test(test_images, tuple(syn.meta.mean), tuple(syn.meta.std), device)
+    test_x = prepare_test_images(syn, test_images, device)
     test_y = test_labels.to(device)
     num_classes = len(syn.meta.classes)
     results: dict[str, NetResult] = {}

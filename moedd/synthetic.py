@@ -5,6 +5,8 @@ A synthetic set is a directory (a DVC output)::
     expert-0.pt    {"images": float32 (C*IPC, ch, H, W), "labels": int64 (C*IPC,)}
     expert-0.json  SyntheticMeta (method, expert index, IPC, space, decoding, digests, sha256)
     expert-1.pt ...
+    zca.pt         only for space 'zca': the whitening transform (moedd.data.zca), so the evaluator
+                   whitens the test set identically and images can be mapped back to pixels
 
 Images are stored in the space named by ``meta.space``: ``normalized`` ((x/255 − mean)/std with
 the mean/std kept in the metadata, so pixels can be recovered), ``pixel`` ([0,1]) or ``zca``.
@@ -58,6 +60,8 @@ class SyntheticMeta(BaseModel):
     code_version: str = __version__
     git_commit: str = ""
     sha256: str = ""
+    zca_digest: str = ""
+    """For space 'zca': digest of the transform (``zca.pt`` of the set's directory)."""
     config: dict[str, Any] = {}
 
 
@@ -68,6 +72,8 @@ class SyntheticSet:
     images: list[Tensor]
     labels: list[Tensor]
     metas: list[SyntheticMeta]
+    zca: Any = None
+    """The ZCA transform of a 'zca'-space set."""
 
     @property
     def meta(self) -> SyntheticMeta:
@@ -87,12 +93,16 @@ def _sha256(path: Path) -> str:
 
 
 def save_synthetic(
-    out_dir: str | Path, images: list[Tensor], labels: list[Tensor], metas: list[SyntheticMeta]
+    out_dir: str | Path, images: list[Tensor], labels: list[Tensor], metas: list[SyntheticMeta], zca: Any = None,
 ) -> list[SyntheticMeta]:
     """Write every expert's images and metadata into ``out_dir``; returns the metadata as written
-    (with each file's sha256)."""
+    (with each file's sha256). ``zca`` (a ``moedd.data.zca.ZCA``) is required for ZCA-space sets."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if any(m.space == "zca" for m in metas):
+        if zca is None or any(m.zca_digest != zca.digest for m in metas):
+            raise SyntheticSetError("a ZCA-space set must be saved with its ZCA transform (digest in its metadata)")
+        zca.save(out / "zca.pt")
     sealed = []
     for k, (x, y, meta) in enumerate(zip(images, labels, metas, strict=True)):
         pt = out / f"expert-{k}.pt"
@@ -130,7 +140,16 @@ def load_synthetic(path: str | Path) -> SyntheticSet:
         for field in ("method", "space", "classes", "image_shape", "decoding", "data_digest"):
             if getattr(m, field) != getattr(first, field):
                 raise SyntheticSetError(f"experts of {p} disagree on {field}")
-    return SyntheticSet(images, labels, metas)
+    zca = None
+    if first.space == "zca":
+        from moedd.data.zca import load_zca
+
+        if not (p / "zca.pt").exists():
+            raise SyntheticSetError(f"{p} is a ZCA-space set but its zca.pt is missing")
+        zca = load_zca(p / "zca.pt")
+        if any(m.zca_digest != zca.digest for m in metas):
+            raise SyntheticSetError(f"{p}/zca.pt is not the transform the images were distilled in (digest differs)")
+    return SyntheticSet(images, labels, metas, zca)
 
 
 def check_matches(syn: SyntheticSet, classes: list[str], image_shape: tuple[int, ...], data_digest: str | None = None) -> None:
@@ -144,13 +163,18 @@ def check_matches(syn: SyntheticSet, classes: list[str], image_shape: tuple[int,
     if tuple(m.image_shape) != tuple(image_shape):
         raise SyntheticSetError(f"synthetic image shape {tuple(m.image_shape)} differs from the test data's {tuple(image_shape)}")
     if m.space == "zca":
-        raise SyntheticSetError("ZCA-space synthetic sets need the ZCA transform of their metadata; not supported by this evaluator yet")
+        if syn.zca is None:
+            raise SyntheticSetError("a ZCA-space synthetic set needs its ZCA transform (zca.pt) to be evaluated")
+        if data_digest is not None and syn.zca.data_digest and syn.zca.data_digest != data_digest:
+            raise SyntheticSetError("the set's ZCA transform was fitted on different data (prepared digest differs)")
     if data_digest is not None and m.data_digest and m.data_digest != data_digest:
         raise SyntheticSetError("the synthetic set was distilled from different data (prepared digest differs)")
 
 
-def to_pixels(images: Tensor, meta: SyntheticMeta) -> Tensor:
-    """Map stored images back to [0, 1] pixels (for grids and inspection)."""
+def to_pixels(images: Tensor, meta: SyntheticMeta, zca: Any = None) -> Tensor:
+    """Map stored images back to [0, 1] pixels (for grids and inspection); ZCA sets need ``zca``."""
+    if meta.space == "zca" and zca is not None:
+        return zca.invert(images).clamp(0, 1)
     if meta.space == "pixel":
         return images.clamp(0, 1)
     if meta.space == "normalized":

@@ -71,14 +71,15 @@ def interrupt_at(n: int):
     return on_log
 
 
-def interrupted_then_resumed(name: str, params, prepared, partition, ckdir: Path, stop_at: int):
-    """Run ``name`` until ``stop_at`` (interrupted), check one checkpoint survived, resume; return the result."""
+def interrupted_then_resumed(name: str, params, prepared, partition, ckdir: Path, stop_at: int, **kw):
+    """Run ``name`` until ``stop_at`` (interrupted), check one checkpoint survived, resume; return the result.
+    ``kw`` goes to ``run_distillation`` (e.g. ``trajectories`` for MTT)."""
     import torch
 
     from moedd.distill import run_distillation
 
     cpu = torch.device("cpu")
     with pytest.raises(Interrupt):
-        run_distillation(name, params, prepared, partition, cpu, checkpoint_dir=ckdir, on_log=interrupt_at(stop_at))
+        run_distillation(name, params, prepared, partition, cpu, checkpoint_dir=ckdir, on_log=interrupt_at(stop_at), **kw)
     assert len(list(ckdir.glob("*.pt"))) == 1
-    return run_distillation(name, params, prepared, partition, cpu, checkpoint_dir=ckdir)
+    return run_distillation(name, params, prepared, partition, cpu, checkpoint_dir=ckdir, **kw)

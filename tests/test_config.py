@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moedd.config import ConfigError, Params, check_budget, flatten, load_params
+from moedd.config import ConfigError, IDMExpertConfig, Params, check_budget, flatten, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_flatten_gives_dotted_keys() -> None:
 def _param_keys(tree: dict, prefix: str = "") -> set[str]:
     keys = set()
     for k, v in tree.items():
-        keys.add(prefix + k)
+        keys.add(f"{prefix}{k}")  # presets rows have int keys (IPC)
         if isinstance(v, dict):
             keys |= _param_keys(v, f"{prefix}{k}.")
     return keys
@@ -94,3 +94,73 @@ def test_every_dvc_stage_param_exists_in_params_yaml() -> None:
                 assert name in keys, f"dvc.yaml param {name} is not in params.yaml"
     # and params.yaml has no section the config models do not read
     assert set(tree) <= set(Params.model_fields)
+
+
+# ------------------------------------------------------------------ presets
+
+
+def _repo_params(**overrides):
+    return load_params(REPO / "params.yaml", overrides)
+
+
+def test_presets_cover_cifar_budgets_and_pick_the_row_of_the_ipc() -> None:
+    from moedd.presets import method_config
+
+    p = _repo_params()
+    for method in ("idm", "idc", "mtt"):
+        for dataset in ("cifar10", "cifar100"):
+            assert {5, 10, 20} <= set(p.presets[method][dataset]), (method, dataset)
+    idm10, choice = method_config(p, "idm", 10)
+    assert choice is not None and choice.label == "cifar10/ipc10" and idm10.ce_weight == 0.5
+    assert method_config(p, "idm", 50)[0].ce_weight == 0.1
+    mtt1, _ = method_config(p, "mtt", 1)
+    assert (mtt1.syn_steps, mtt1.max_start_epoch, mtt1.lr_teacher, mtt1.lr_lr) == (50, 2, 0.01, 1e-7)
+    c100 = _repo_params(**{"data.source": "cifar100"})
+    assert method_config(c100, "idm", 10)[0].model_train_steps == 50
+    assert method_config(c100, "idc", 10)[0].n_data == 500
+    assert method_config(c100, "mtt", 10)[0].zca is False
+
+
+def test_preset_nearest_row_and_explicit_keys_win() -> None:
+    from moedd.presets import method_config
+
+    p = _repo_params()
+    _, choice = method_config(p, "mtt", 7)
+    assert choice.row_ipc == 5 and "nearest" in choice.label
+    assert method_config(p, "mtt", 15)[1].row_ipc == 20  # ties go to the larger IPC
+    over = _repo_params(**{"experts.idm.ce_weight": 0.3, "experts.mtt.syn_steps": 12})
+    assert method_config(over, "idm", 10)[0].ce_weight == 0.3
+    assert method_config(over, "mtt", 1)[0].syn_steps == 12
+    assert method_config(over, "mtt", 1)[0].max_start_epoch == 2  # the rest still from the row
+
+
+def test_preset_choice_auto_none_and_unknown() -> None:
+    from moedd.presets import method_config
+
+    folder = _repo_params(**{"data.source": "imagefolder"})
+    cfg, choice = method_config(folder, "idm", 10)
+    assert choice is None and cfg == IDMExpertConfig.model_validate(folder.experts.idm.model_dump())
+    cfg, choice = method_config(_repo_params(**{"data.source": "imagefolder", "experts.mtt.preset": "cifar10"}), "mtt", 1)
+    assert choice.dataset == "cifar10" and cfg.syn_steps == 50
+    assert method_config(_repo_params(**{"experts.idm.preset": "none"}), "idm", 10)[1] is None
+    with pytest.raises(ConfigError, match="no such preset"):
+        method_config(_repo_params(**{"experts.idm.preset": "svhn"}), "idm", 10)
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("presets.idm.cifar10.10.bogus", 1, "bogus"),
+    ("presets.idm.cifar10.10.ce_weight", -1.0, "ce_weight"),
+    ("presets.mtt.cifar10.10.preset", "cifar100", "cannot choose a preset"),
+    ("presets.dm.cifar10.10", {"lr_img": 1.0}, "takes no presets"),
+    ("presets.nosuch.cifar10.10", {"a": 1}, "no such expert method"),
+])
+def test_bad_presets_rejected_when_params_load(key, value, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _repo_params(**{key: value})
+
+
+def test_override_of_one_preset_key_keeps_the_rest_of_the_row() -> None:
+    """YAML row keys are ints; a dotted override '...10.ce_weight' must edit that row, not replace it."""
+    p = _repo_params(**{"presets.idm.cifar10.10.ce_weight": 0.3})
+    assert p.presets["idm"]["cifar10"][10] == {"ce_weight": 0.3, "batch_real": 256, "net_generate_interval": 30,
+                                               "model_train_steps": 10}

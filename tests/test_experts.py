@@ -23,7 +23,7 @@ def test_registry_lists_the_builtin_experts() -> None:
     assert {"random", "dm"} <= set(EXPERTS.names())
 
 
-@pytest.mark.parametrize("name", EXPERTS.names())
+@pytest.mark.parametrize("name", [n for n in EXPERTS.names() if n != "mtt"])  # MTT needs teachers: test_mtt.py
 def test_every_expert_runs_two_iterations(tiny_prepared, name: str) -> None:
     """Registry-driven smoke test: init shapes, and two steps when the method optimises."""
     m, _ = _method(tiny_prepared, name, **{f"experts.{name}.iterations": 2} if name != "random" else {})

@@ -203,3 +203,15 @@ def test_resume_equals_uninterrupted(tiny_prepared, tmp_path: Path) -> None:
     assert torch.equal(resumed.images, full.images)
     assert [r["step"] for r in resumed.history] == [0.0, 1.0]
     assert resumed.metas[0].space == "pixel" and resumed.metas[0].decoding == "multiformation2"
+
+
+def test_step_logs_the_matching_loss_of_every_class(tiny_prepared) -> None:
+    """IDC's own diagnostic: per-class matching losses (summed over experts) add up to ``match``."""
+    m, _ = _method(tiny_prepared)
+    syn = m.init_images().requires_grad_(True)
+    m.setup(syn)
+    out = m.step(syn, 0)
+    per_class = torch.stack([out[f"match_c{c}"] for c in range(m.ctx.num_classes)])
+    assert (per_class > 0).all()
+    assert torch.isclose(per_class.sum(), out["match"], rtol=1e-5)
+    assert torch.isclose(out["match_e0"] + out["match_e1"], out["match"], rtol=1e-5)

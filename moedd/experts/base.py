@@ -39,6 +39,7 @@ class DistillContext:
         net: registered name of the matching network.
         dcor_weight: λ of the diversity term (0 = off).
         seed: base seed of the run.
+        trajectories: teacher trajectories (MTT), or None.
     """
 
     shard_images: list[Tensor]
@@ -51,6 +52,8 @@ class DistillContext:
     net: str = "convnet3"
     dcor_weight: float = 0.0
     seed: int = 0
+    trajectories: Any = None
+    """Teacher trajectories of the experts' shards (``moedd.trajectories``; MTT only)."""
 
     def __post_init__(self) -> None:
         c = len(self.mean)
@@ -108,6 +111,19 @@ class DistillContext:
         return torch.arange(self.num_classes, device=self.device).repeat_interleave(self.ipc)
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """What a method may check before any work: the run's shape and its extra inputs."""
+
+    noe: int
+    ipc: int
+    num_classes: int
+    image_shape: tuple[int, ...]
+    net: str
+    device: torch.device
+    trajectories: Any = None
+
+
 class ExpertMethod(ABC):
     """A base distillation method run by NoE experts jointly.
 
@@ -122,6 +138,10 @@ class ExpertMethod(ABC):
 
     def __init__(self, cfg: BaseModel, ctx: DistillContext) -> None:
         self.cfg, self.ctx = cfg, ctx
+
+    @classmethod
+    def check_inputs(cls, cfg: BaseModel, spec: RunSpec) -> None:
+        """Raise ConfigError (one line) for inputs this method cannot use; called before any work."""
 
     @property
     def iterations(self) -> int:

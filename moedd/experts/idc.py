@@ -346,21 +346,21 @@ class IDC(ExpertMethod):
         """One matching phase: for every class, its loss and one image step (IDC's order).
 
         Returns:
-            per-expert losses summed over classes (NoE,) and dCor summed over classes (detached,
-            evaluated before each class's step).
+            matching losses per class and expert (C, NoE) and dCor summed over classes (detached,
+            each evaluated before its class's step).
         """
         ctx = self.ctx
         draws = [self.class_draw(k, min(self.cfg.batch_real, self.min_count[k]), gen) for k in range(ctx.noe)]
-        per_expert = torch.zeros(ctx.noe, device=ctx.device)
+        per_class = torch.zeros(ctx.num_classes, ctx.noe, device=ctx.device)
         dcor = torch.zeros((), device=ctx.device)
         for c in range(ctx.num_classes):
             total, pe, dc = self.match_class(net, syn, c, [d[c] for d in draws], gen)
             self.opt.zero_grad(set_to_none=True)
             total.backward(inputs=[syn])
             self.opt.step()
-            per_expert += pe
+            per_class[c] = pe
             dcor += dc
-        return per_expert, dcor
+        return per_class, dcor
 
     # ------------------------------------------------------------ network update
 
@@ -409,23 +409,26 @@ class IDC(ExpertMethod):
                                   weight_decay=cfg.net_weight_decay)
         gen_match, gen_net = ctx.generator(it, stream=2), ctx.generator(it, stream=3)
         rng = np.random.default_rng(ctx.seed_for(it, stream=4))
-        per_expert = torch.zeros(ctx.noe, device=ctx.device)
+        per_class = torch.zeros(ctx.num_classes, ctx.noe, device=ctx.device)
         dcor = torch.zeros((), device=ctx.device)
         correct = torch.zeros((), dtype=torch.long, device=ctx.device)
         seen = 0
         for _ in range(cfg.inner_loop):
-            pe, dc = self.match_phase(net, syn, gen_match)
-            per_expert += pe
+            pc, dc = self.match_phase(net, syn, gen_match)
+            per_class += pc
             dcor += dc
             ok, n = self.train_net(net, net_opt, gen_net, rng)
             correct += ok
             seen += n
-        per_expert /= cfg.inner_loop
+        per_class /= cfg.inner_loop
         dcor /= cfg.inner_loop
+        per_expert = per_class.sum(0)
         match = per_expert.sum()
         out = {"loss": match + ctx.dcor_weight * dcor, "match": match, "dcor": dcor,
                "net_acc": correct.float() / max(seen, 1)}
         out.update({f"match_e{k}": per_expert[k] for k in range(ctx.noe)})
+        # IDC's own diagnostic: the matching loss of every class (summed over experts)
+        out.update({f"match_c{c}": v for c, v in enumerate(per_class.sum(1))})
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,309 @@
+"""MTT (Cazenavette et al., "Dataset Distillation by Matching Training Trajectories", CVPR 2022),
+run by NoE experts jointly, each against teachers trained on its own shard.
+
+Facts: algorithms.md §7 (mtt-distillation ``distill.py``, ``buffer.py``), hyper-parameters per
+setting in ``presets.mtt`` (author-provided table, §7.3), ZCA §3.2.
+
+Per iteration ``it`` and expert k:
+
+1. a random teacher i of shard k (``moedd trajectories``) and a random start epoch
+   t ~ U{0, …, T⁺−1}; θ̂_0 = θ*_t, target θ*_{t+M};
+2. N = ``syn_steps`` unrolled student steps on the expert's synthetic images: each step takes
+   the next ``batch_syn`` images of a random permutation (all images by default), applies
+   per-sample DSA, and sets θ̂_{j+1} = θ̂_j − α ∇_θ CE(f(θ̂_j; A(x)), y) with the graph kept
+   (the network is evaluated functionally on a flat parameter vector);
+3. L_k = ||θ̂_N − θ*_{t+M}||² / ||θ*_t − θ*_{t+M}||².
+
+One step of SGD(lr_img, momentum 0.5) on the images and of SGD(lr_lr, momentum 0.5) on the
+learnable learning rate α (initialised to ``lr_teacher``) follows. α is ONE scalar shared by the
+NoE experts (the evaluator trains one network on the fused set, with one learning rate); it is
+stored in every expert's metadata and used by the evaluator.
+
+MoE-DD's diversity term needs features of every expert's images in one space: a frozen random
+ConvNet of the iteration (as DM's) embeds all synthetic images, and λ·Σ_c dCor² of the experts'
+embeddings is added [INFERRED: the paper does not say which network MTT's dCor uses].
+
+Memory: each expert's unrolled graph is built and back-propagated on its own (gradients add up
+in ``syn.grad``), so the peak is one expert's graph: about ``syn_steps × batch_syn`` times the
+activations of one image (``estimate_memory_gb``), checked against the device before any work.
+
+Input space: with ``zca: true`` (CIFAR-10 presets) images live in the ZCA space fitted on the
+full training set (kornia math, ε 0.1) that the teachers were trained in; the transform travels
+with the trajectories and the synthetic set so the evaluator whitens the test set the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from moedd.augment import DSA, DSAParams
+from moedd.config import ConfigError, MTTExpertConfig
+from moedd.device import memory_format_for
+from moedd.experts.base import DistillContext, ExpertMethod, RunSpec, frozen_random_net, register_expert
+from moedd.moe import expert_dcor_loss
+
+# generator streams of one iteration (DistillContext.seed_for(it, stream)); all < 97 and distinct
+_STREAM_DSA, _STREAM_PICK, _STREAM_ORDER, _STREAM_DCOR_NET = 2, 3, 4, 5
+
+_BYTES_PER_ACTIVATION = 4 * 3
+"""float32 x about three saved copies of every conv/norm/pool output per unrolled step (forward
+activations plus what the double backward keeps); calibrated against measured peaks
+(benchmarks/README.md: the reference's 13 GiB at 30 steps x 100 CIFAR images)."""
+
+
+def activation_elements(net: nn.Module, image_shape: tuple[int, ...]) -> int:
+    """Elements of every conv/norm/pool output for ONE image (a shape-only forward on 'meta')."""
+    total = 0
+
+    def hook(_m: nn.Module, _i: Any, out: Tensor) -> None:
+        nonlocal total
+        total += out[0].numel()
+
+    probe = [m.register_forward_hook(hook) for m in net.modules()
+             if isinstance(m, (nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d, nn.AvgPool2d, nn.MaxPool2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, *image_shape))
+    finally:
+        for h in probe:
+            h.remove()
+    return total
+
+
+def estimate_memory_gb(net: nn.Module, image_shape: tuple[int, ...], syn_steps: int, batch: int) -> float:
+    """Rough peak memory of one expert's unrolled graph, in GiB (activations dominate)."""
+    per_image = activation_elements(net, image_shape) * _BYTES_PER_ACTIVATION
+    params = sum(p.numel() for p in net.parameters()) * 4 * 3 * (syn_steps + 1)
+    return (syn_steps * batch * per_image + params) / 2**30
+
+
+def device_memory_gb(device: torch.device) -> float:
+    """Memory the run may use: the GPU's total memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return math.inf
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocator peak, or the process's peak resident set (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@register_expert
+class MatchingTrainingTrajectories(ExpertMethod):
+    """MTT experts: unrolled student training on the synthetic images matches teacher trajectories."""
+
+    name = "mtt"
+    config_cls = MTTExpertConfig
+    cfg: MTTExpertConfig
+
+    def __init__(self, cfg: MTTExpertConfig, ctx: DistillContext) -> None:
+        super().__init__(cfg, ctx)
+        traj = ctx.trajectories
+        if traj is None:
+            raise ConfigError("MTT needs teacher trajectories: run `moedd trajectories --noe N` first (or pass --trajectories)")
+        self.traj = traj
+        self.zca = traj.zca if cfg.zca else None
+        self.space = "zca" if cfg.zca else "normalized"  # type: ignore[misc]
+        self.dsa = DSA(DSAParams(strategy=cfg.dsa_strategy))
+        ch, h, _ = ctx.image_shape
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            from moedd.nets import create_net
+
+            net = create_net(ctx.net, ctx.num_classes, channels=ch, image_size=h)
+        self.net = net.to(ctx.device, memory_format=memory_format_for(net, ctx.device))
+        self.net.requires_grad_(False)
+        self.names = [n for n, _ in self.net.named_parameters()]
+        self.shapes = [p.shape for _, p in self.net.named_parameters()]
+        self.numels = [p.numel() for _, p in self.net.named_parameters()]
+        self.lr = torch.tensor(float(cfg.lr_teacher), device=ctx.device, requires_grad=True)
+        if self.zca is not None:
+            self.zca.to(ctx.device)
+
+    # ------------------------------------------------------------------ checks
+
+    @classmethod
+    def check_inputs(cls, cfg: MTTExpertConfig, ctx: RunSpec) -> None:  # type: ignore[override]
+        """Trajectories consistent with the run, and a memory estimate that fits; before any work."""
+        traj = ctx.trajectories
+        if traj is None:
+            raise ConfigError("MTT needs teacher trajectories: run `moedd trajectories --noe N` first (or pass --trajectories)")
+        meta = traj.meta
+        if int(meta["noe"]) != ctx.noe:
+            raise ConfigError(f"the trajectories were trained for NoE={meta['noe']}, the run has NoE={ctx.noe}")
+        need = cfg.max_start_epoch + cfg.expert_epochs
+        if int(meta["epochs"]) < need:
+            raise ConfigError(f"the teachers have {meta['epochs']} epochs but MTT needs max_start_epoch + expert_epochs = {need}; "
+                              "retrain them with more trajectories.epochs")
+        want = "zca" if cfg.zca else "normalized"
+        if meta["space"] != want:
+            raise ConfigError(f"the teachers were trained in '{meta['space']}' space but experts.mtt.zca={cfg.zca}; "
+                              "rerun `moedd trajectories` with the same MTT settings")
+        if meta.get("net") and meta["net"] != ctx.net:
+            raise ConfigError(f"the teachers are {meta['net']} networks but distill.net is {ctx.net}")
+        for k in range(ctx.noe):
+            if traj.count(k) < 1:
+                raise ConfigError(f"no teacher trajectories for shard {k}")
+        ch, h, _ = ctx.image_shape
+        from moedd.nets import create_net
+
+        net = create_net(ctx.net, ctx.num_classes, channels=ch, image_size=h)
+        p = sum(x.numel() for x in net.parameters())
+        if int(meta.get("param_count", p)) != p:
+            raise ConfigError(f"the teachers have {meta['param_count']} parameters, {ctx.net} here has {p}")
+        batch = min(cfg.batch_syn or ctx.num_classes * ctx.ipc, ctx.num_classes * ctx.ipc)
+        need_gb = estimate_memory_gb(net, ctx.image_shape, cfg.syn_steps, batch)
+        have_gb = cfg.max_memory_gb if cfg.max_memory_gb is not None else device_memory_gb(ctx.device)
+        if need_gb > have_gb:
+            raise ConfigError(
+                f"MTT needs about {need_gb:.1f} GiB ({cfg.syn_steps} unrolled steps x {batch} images) but "
+                f"{have_gb:.1f} GiB are available: lower experts.mtt.batch_syn (or syn_steps)")
+
+    # ------------------------------------------------------------------ images
+
+    def to_input(self, images_u8: Tensor) -> Tensor:
+        """uint8 images -> the space MTT works in (ZCA-whitened [0,1], or mean/std-normalised)."""
+        if self.zca is not None:
+            return self.zca.apply_u8(images_u8)
+        return self.ctx.normalize(images_u8)
+
+    def init_images(self) -> Tensor:
+        """Real images of each expert's own shard (MTT's ``pix_init real``), class-major."""
+        ctx, gen = self.ctx, self.ctx.generator(it=-1)
+        out = []
+        for k in range(ctx.noe):
+            table = ctx.class_tables[k]
+            valid = table >= 0
+            keys = torch.rand(table.shape, generator=gen, device=table.device).masked_fill_(~valid, 2.0)
+            pick = torch.gather(table, 1, keys.argsort(1)[:, :ctx.ipc])
+            out.append(self.to_input(ctx.shard_images[k][pick.flatten()]))
+        return torch.stack(out)
+
+    def setup(self, syn: Tensor) -> None:
+        self.opt_img = torch.optim.SGD([syn], lr=self.cfg.lr_img, momentum=self.cfg.momentum)
+        self.opt_lr = torch.optim.SGD([self.lr], lr=self.cfg.lr_lr, momentum=self.cfg.momentum)
+
+    # ------------------------------------------------------------------ student
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """A flat parameter vector (teachers' layout: ``net.parameters()`` order) -> named views."""
+        return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes, strict=True)}
+
+    def unroll(self, x: Tensor, y: Tensor, start: Tensor, target: Tensor, gen: torch.Generator,
+               order: Tensor) -> Tensor:
+        """The normalised parameter distance after ``syn_steps`` student steps from ``start``.
+
+        Args:
+            x: (n, ch, H, W) one expert's synthetic images (part of the graph).
+            y: (n,) their labels.
+            start, target: flat teacher parameters θ*_t and θ*_{t+M}.
+            gen: device RNG for the augmentation.
+            order: (syn_steps·batch,) indices: step j uses order[j·batch:(j+1)·batch].
+        """
+        batch = min(self.cfg.batch_syn or len(y), len(y))
+        fmt = memory_format_for(self.net, x.device)
+        theta = start.detach().clone().requires_grad_(True)
+        for j in range(self.cfg.syn_steps):
+            idx = order[j * batch:(j + 1) * batch]
+            xb = self.dsa.per_sample(x[idx], gen).contiguous(memory_format=fmt)
+            out = functional_call(self.net, self.unflatten(theta), (xb,))
+            ce = F.cross_entropy(out, y[idx])
+            (g,) = torch.autograd.grad(ce, theta, create_graph=True)
+            theta = theta - self.lr * g
+        return (theta - target).pow(2).sum() / (start - target).pow(2).sum()
+
+    def _order(self, n: int, gen: torch.Generator) -> Tensor:
+        """Minibatch order of one unroll: consecutive random permutations (MTT's index chunks)."""
+        batch = min(self.cfg.batch_syn or n, n)
+        need = self.cfg.syn_steps * batch
+        perms = [torch.randperm(n, generator=gen, device=self.ctx.device) for _ in range(math.ceil(need / n))]
+        return torch.cat(perms)[:need]
+
+    def _losses(self, syn: Tensor, it: int, backward: bool) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Every expert's trajectory loss and the dCor term of iteration ``it``.
+
+        With ``backward`` each expert's graph is back-propagated as soon as it is built (and
+        freed), so the peak memory is one expert's unroll; gradients add up in ``syn.grad`` and
+        in the learning rate's ``grad``.
+
+        Returns:
+            per-expert losses (NoE,) and dCor (both detached when ``backward``), and the
+            differentiable totals (empty when ``backward``).
+        """
+        ctx, cfg = self.ctx, self.cfg
+        labels = ctx.labels()
+        pick = torch.Generator().manual_seed(ctx.seed_for(it, _STREAM_PICK))  # host choices: no device sync
+        gen, gen_order = ctx.generator(it, _STREAM_DSA), ctx.generator(it, _STREAM_ORDER)
+        losses, graphs = [], []
+        for k in range(ctx.noe):
+            i = int(torch.randint(self.traj.count(k), (1,), generator=pick))
+            t = int(torch.randint(cfg.max_start_epoch, (1,), generator=pick))
+            traj = self.traj.load(k, i)
+            start = traj[t].to(ctx.device)
+            target = traj[t + cfg.expert_epochs].to(ctx.device)
+            loss = self.unroll(syn[k], labels, start, target, gen, self._order(len(labels), gen_order))
+            if backward:
+                loss.backward()
+            else:
+                graphs.append(loss)
+            losses.append(loss.detach())
+        dcor = torch.zeros((), device=ctx.device)
+        if ctx.dcor_weight > 0 and ctx.noe > 1:
+            net = frozen_random_net(ctx, it, stream=_STREAM_DCOR_NET)
+            feats = net.embed(syn.flatten(0, 1).contiguous(memory_format=memory_format_for(net, ctx.device)))
+            dcor = expert_dcor_loss(feats.view(ctx.noe, ctx.num_classes, ctx.ipc, -1))
+            if backward:
+                (ctx.dcor_weight * dcor).backward()
+            else:
+                graphs.append(ctx.dcor_weight * dcor)
+            dcor = dcor.detach()
+        return torch.stack(losses), dcor, graphs
+
+    def objective(self, syn: Tensor, it: int) -> Tensor:
+        """The loss of iteration ``it`` at ``syn`` (same teachers, start epochs and augmentation
+        as :meth:`step` draws), differentiable; for tests and diagnostics."""
+        _, _, graphs = self._losses(syn, it, backward=False)
+        return torch.stack(graphs).sum()
+
+    def step(self, syn: Tensor, it: int) -> Mapping[str, Tensor]:
+        """One MTT iteration of every expert (one image step, one learning-rate step)."""
+        ctx = self.ctx
+        self.opt_img.zero_grad(set_to_none=True)
+        self.opt_lr.zero_grad(set_to_none=True)
+        match, dcor, _ = self._losses(syn, it, backward=True)
+        self.opt_img.step()
+        self.opt_lr.step()
+        out = {"loss": match.sum() + ctx.dcor_weight * dcor, "match": match.sum(), "dcor": dcor,
+               "lr": self.lr.detach().clone(), "peak_mem_gb": torch.tensor(peak_memory_gb(ctx.device))}
+        out.update({f"match_e{k}": match[k] for k in range(ctx.noe)})
+        return out
+
+    def learned_lr(self) -> float | None:
+        return float(self.lr.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(), "lr": self.lr.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt_img.load_state_dict(state["opt_img"])
+        with torch.no_grad():
+            self.lr.copy_(state["lr"])
+        self.opt_lr.load_state_dict(state["opt_lr"])
