@@ -1,21 +1,26 @@
 #!/usr/bin/env python
-"""Speed benchmark: moedd vs. the DC reference code, timed the same way on the same machine.
+"""Speed benchmark: moedd vs. the reference code of each method, timed the same way on the same machine.
 
 Prints DM iterations/s and evaluation epochs/s (+ the 10,000-image test pass) per network at
 the standard sizes (CIFAR shapes 3x32x32, 10 classes x 5000 training images, batch_real 256,
 IPC 10) next to the reference implementation (VICO-UoE/DatasetCondensation: ``main_DM.py`` for
-DM, ``utils.epoch`` as called by ``utils.evaluate_synset`` for evaluation). This is a benchmark,
-not a test: it asserts nothing and needs no dataset (random CIFAR-shaped tensors are used).
+DM, ``utils.epoch`` as called by ``utils.evaluate_synset`` for evaluation), and seconds per IDM
+iteration and per IDC inner step at their CIFAR-10 IPC 10 settings next to uitrbn/IDM
+(``IDM_cifar10.py``'s loop body) and snu-mllab/Efficient-Dataset-Condensation (``condense.py``'s
+inner-loop body). This is a benchmark, not a test: it asserts nothing and needs no dataset
+(random CIFAR-shaped tensors are used).
 
-The reference is NOT vendored: pass the path of a checkout with ``--reference-dc PATH``; it is
-imported at run time (``utils.py``, ``networks.py``) in this same process, so both sides share
-the interpreter, the thread pool and the allocator settings (``moedd.device.tune_process``).
-Without ``--reference-dc`` only our numbers are printed.
+The references are NOT vendored: pass the paths of checkouts with ``--reference-dc PATH``,
+``--reference-idm PATH``, ``--reference-idc PATH``; they are imported at run time in this same
+process, so both sides share the interpreter, the thread pool and the allocator settings
+(``moedd.device.tune_process``). Without a reference path only our numbers are printed for its
+rows.
 
 Usage::
 
-    python benchmarks/bench.py --reference-dc /tmp/dc-ref            # full (~4.5 min on 2 CPU cores)
-    python benchmarks/bench.py --reference-dc /tmp/dc-ref --quick    # ~1 min
+    python benchmarks/bench.py --reference-dc /tmp/dc-ref --only dm,train,test   # ~4.5 min on 2 CPU cores
+    python benchmarks/bench.py --reference-dc /tmp/dc-ref --quick                # ~1 min (+ IDM/IDC rows)
+    python benchmarks/bench.py --only idm,idc --reference-idm /tmp/idm-ref --reference-idc /tmp/idc-ref
     python benchmarks/bench.py --json bench.json --device cuda
 
 Timing protocol: every measured thing runs once untimed (warm-up) and then N times; the median
@@ -29,10 +34,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -45,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 try:  # run from a checkout without installing: make `import moedd` find the repo
     import moedd  # noqa: F401
@@ -63,6 +71,7 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 # our registry name -> reference get_network name
 NETS = {"convnet3": "ConvNet", "vgg11": "VGG11", "resnet18": "ResNet18", "alexnet": "AlexNet"}
+SECTIONS = ("dm", "train", "test", "idm", "idc")
 
 
 # ------------------------------------------------------------------------------------- timing
@@ -156,16 +165,13 @@ def _stub_module(name: str, **attrs: Any) -> None:
     sys.modules[name] = mod
 
 
-def import_reference(path: str) -> types.ModuleType:
-    """Import the reference ``utils`` module from a DatasetCondensation checkout.
+def _common_shims() -> None:
+    """Stand-ins for module-level imports of the reference repositories that this environment lacks.
 
-    Shims, only where this environment lacks what the reference imports at module level (none
-    of it is used by the code timed here): ``scipy.ndimage.interpolation`` (removed in SciPy 2)
-    and ``torchvision`` (only ``get_dataset`` uses it).
+    ``scipy.ndimage.interpolation`` (removed in SciPy 2; only the reference's non-differentiable
+    ``augment`` uses ``rotate``) and ``torchvision`` (only dataset loading and image saving use
+    it). Neither is on a timed code path; each is stubbed only when it cannot be imported.
     """
-    root = Path(path).expanduser().resolve()
-    if not (root / "utils.py").exists() or not (root / "networks.py").exists():
-        raise SystemExit(f"--reference-dc {path}: no utils.py/networks.py there (a DatasetCondensation checkout?)")
     try:
         importlib.import_module("scipy.ndimage.interpolation")
     except ImportError:
@@ -179,6 +185,48 @@ def import_reference(path: str) -> types.ModuleType:
         importlib.import_module("torchvision")
     except ImportError:  # pragma: no cover
         _stub_module("torchvision", datasets=types.SimpleNamespace(), transforms=types.SimpleNamespace())
+
+
+def _checkout(path: str, flag: str, files: tuple[str, ...], what: str) -> Path:
+    root = Path(path).expanduser().resolve()
+    missing = [f for f in files if not (root / f).exists()]
+    if missing:
+        raise SystemExit(f"{flag} {path}: no {', '.join(missing)} there (a {what} checkout?)")
+    return root
+
+
+@contextlib.contextmanager
+def _isolated_imports(root: Path):
+    """Import from the checkout ``root`` without clashing with other checkouts' module names.
+
+    The three reference repositories reuse top-level names (``utils``, ``networks``, ``train``,
+    ``data``, ...). While the block runs, modules of those names are taken out of
+    ``sys.modules`` and ``root`` is first on ``sys.path``; afterwards the checkout's modules are
+    dropped from ``sys.modules`` again and the previous ones restored. The imported functions
+    keep working: they reach their own module's globals, not ``sys.modules``. Warnings raised at
+    import time (deprecations in old code) are silenced; the warning filters are restored.
+    """
+    names = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if p.is_dir()}
+    clash = lambda n: n.split(".")[0] in names  # noqa: E731
+    saved = {n: m for n, m in sys.modules.items() if clash(n)}
+    for n in saved:
+        del sys.modules[n]
+    sys.path.insert(0, str(root))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        sys.path.remove(str(root))
+        for n in [n for n in sys.modules if clash(n)]:
+            del sys.modules[n]
+        sys.modules.update(saved)
+
+
+def import_reference(path: str) -> types.ModuleType:
+    """Import the reference ``utils`` module from a DatasetCondensation checkout (see ``_common_shims``)."""
+    root = _checkout(path, "--reference-dc", ("utils.py", "networks.py"), "DatasetCondensation")
+    _common_shims()
     sys.path.insert(0, str(root))
     try:
         with warnings.catch_warnings():
@@ -262,6 +310,409 @@ def ref_test_pass(U: types.ModuleType, net: torch.nn.Module, loader: Any, device
     U.epoch("test", loader, net, opt, criterion, ref_args(U, device), aug=False)
 
 
+# ------------------------------------------------------------------------- reference: IDM, IDC
+
+
+@dataclass(frozen=True)
+class IDMSizes:
+    """The IDM knobs that set the amount of work (standard = CIFAR-10 IPC 10 of IDM's command.txt)."""
+
+    batch_real: int = 256
+    model_train_steps: int = 10
+    trained_bs: int = 256
+
+    @property
+    def standard(self) -> bool:
+        return self == IDMSizes()
+
+    def describe(self) -> str:
+        return (f"batch_real {self.batch_real}, model_train_steps {self.model_train_steps}, "
+                f"trained_bs {self.trained_bs}")
+
+
+@dataclass(frozen=True)
+class IDCSizes:
+    """The IDC knobs that set the amount of work (standard = ``condense.py --reproduce -d cifar10 -f 2 --ipc 10``)."""
+
+    batch_real: int = 64
+    n_data: int = 2000
+
+    @property
+    def standard(self) -> bool:
+        return self == IDCSizes()
+
+    def describe(self) -> str:
+        return f"batch_real {self.batch_real}, n_data {self.n_data}"
+
+
+# IDM's command.txt, CIFAR10/10: --model ConvNet --ipc 10 --dsa_strategy color_crop_cutout_flip_scale_rotate
+# --init real --lr_img 0.2 --net_train_real --outer_loop 1 --mismatch_lambda 0 --net_decay --embed_last 1000
+# --syn_ce --ce_weight 0.5 --train_net_num 1 --aug  (the rest: IDM_cifar10.py's argparse defaults)
+IDM_ARGS = dict(
+    model="ConvNet", ipc=10, dsa_strategy=DSA_STRATEGY, lr_img=0.2, lr_net=0.01, net_decay=True, embed_last=1000,
+    syn_ce=True, ce_weight=0.5, train_net_num=1, aug=True, aug_num=1, outer_loop=1, net_num=100, net_begin=0,
+    net_end=100000, net_generate_interval=30, net_push_num=1, fetch_net_num=2, ij_selection="random",
+)
+# IDC's README command for these settings (condense.py reads argument.py's parser at import)
+IDC_ARGV = ["condense.py", "--reproduce", "-d", "cifar10", "-f", "2", "--ipc", "10"]
+
+
+def import_reference_idm(path: str) -> types.ModuleType:
+    """Import ``dc_utils`` (get_network, DiffAugment, ParamDiffAug, number_sign_augment, downscale)
+    from a uitrbn/IDM checkout.
+
+    ``IDM_cifar10.py`` itself is not imported: its loop is the body of ``main()`` (nothing to
+    call), and it imports ``torchnet`` and MTT's ``utils`` (``kornia``) for dataset loading;
+    :class:`RefIDM` is that loop body. ``dc_utils`` needs only the ``_common_shims``.
+    """
+    root = _checkout(path, "--reference-idm", ("IDM_cifar10.py", "dc_utils.py", "dc_networks.py"), "uitrbn/IDM")
+    _common_shims()
+    with _isolated_imports(root):
+        return importlib.import_module("dc_utils")
+
+
+class _ClassErrorMeter:
+    """torchnet's ``meter.ClassErrorMeter(topk=[1], accuracy=True)``, used when torchnet is not installed.
+
+    It IS on the timed path of IDM's loop (``add`` for every class and every network-training
+    step, ``value`` for the CE weight), so this is an equivalent of pytorch/tnt's implementation
+    for top-1, including its costs: every ``add`` copies the logits and targets to the host and
+    ranks them with ``topk`` there (a device sync on CUDA).
+    """
+
+    def __init__(self, accuracy: bool = True) -> None:
+        self.accuracy = accuracy
+        self.reset()
+
+    def reset(self) -> None:
+        self.sum, self.n = 0, 0
+
+    def add(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        out = output.cpu().squeeze().numpy()
+        tgt = target.cpu().squeeze().numpy()
+        if np.ndim(out) == 1:
+            out = out[np.newaxis]
+        pred = torch.from_numpy(out).topk(1, 1, True, True)[1].numpy()
+        correct = pred == tgt[:, np.newaxis].repeat(pred.shape[1], 1)
+        self.sum += out.shape[0] - correct[:, 0:1].sum()
+        self.n += out.shape[0]
+
+    def value(self) -> list[float]:
+        err = float(self.sum) / self.n
+        return [(1.0 - err) * 100.0 if self.accuracy else err * 100.0]
+
+
+def _class_error_meter() -> Any:
+    try:
+        import torchnet  # type: ignore[import-not-found]
+
+        return torchnet.meter.ClassErrorMeter(accuracy=True)
+    except ImportError:
+        return _ClassErrorMeter(accuracy=True)
+
+
+class RefIDM:
+    """One iteration of the ``for it in range(args.Iteration+1)`` loop of IDM's ``IDM_cifar10.py``.
+
+    Set-up (untimed) as ``main()`` does it: real data as ``images_all``/``labels_all``/``indices_class``
+    on the device (the normalised tensors the DM reference uses), ``--init real`` with ``--aug``
+    (four half-size real images per synthetic image), SGD(lr_img, momentum 0.5) on the images, and
+    the first 3 queue networks (``get_network``, SGD with ``--net_decay``, an accuracy meter each).
+    :meth:`step` is the loop body, in order: push a network every ``net_generate_interval``
+    iterations; draw ``train_net_num`` networks; per class, ``get_images``, ``number_sign_augment``
+    (partition & expansion, factor 2), siamese ``DiffAugment`` of real and synthetic images with one
+    clock seed, ``embed_channel_avg(…, last=1000)``, mean-feature MSE, a second forward ``net(img_syn)``
+    for the logits, the CE metric (``.item()``), the batch accuracy meter, the CE term weighted by
+    the network's running accuracy × ce_weight, and one image SGD step per class; then
+    ``fetch_net_num`` random queue networks each take ``model_train_steps`` SGD steps on
+    ``get_images(c=None, n=trained_bs)``. Left out: the evaluation block (never reached before
+    iteration 100), the ``print`` every 10 iterations, and the two ``args.ipc == 1 and not
+    args.aug`` branches (not taken at IPC 10 with ``--aug``).
+    """
+
+    def __init__(self, D: types.ModuleType, data: Data, device: torch.device, sizes: IDMSizes) -> None:
+        a = argparse.Namespace(**IDM_ARGS, batch_real=sizes.batch_real, model_train_steps=sizes.model_train_steps,
+                               trained_bs=sizes.trained_bs, device=str(device), dsa=True,
+                               dsa_param=D.ParamDiffAug())
+        self.D, self.args = D, a
+        self.images_all, self.indices_class = data.images_all, data.indices_class
+        self.labels_all = data.prepared.train_labels.to(device)
+        self.num_classes, self.channel, self.im_size = NUM_CLASSES, SHAPE[0], SHAPE[1:]
+        ipc, im_size = a.ipc, self.im_size
+        self.image_syn = torch.randn(size=(NUM_CLASSES * ipc, self.channel, *im_size), dtype=torch.float,
+                                     requires_grad=True, device=a.device)
+        self.label_syn = torch.tensor(np.array([np.ones(ipc) * i for i in range(NUM_CLASSES)]), dtype=torch.long,
+                                      requires_grad=False, device=a.device).view(-1)
+        half = im_size[0] // 2
+        for c in range(NUM_CLASSES):  # init == 'real' with --aug
+            rows = slice(c * ipc, (c + 1) * ipc)
+            self.image_syn.data[rows, :, :half, :half] = D.downscale(self.get_images(c, ipc), 0.5).detach().data
+            self.image_syn.data[rows, :, half:, :half] = D.downscale(self.get_images(c, ipc), 0.5).detach().data
+            self.image_syn.data[rows, :, :half, half:] = D.downscale(self.get_images(c, ipc), 0.5).detach().data
+            self.image_syn.data[rows, :, half:, half:] = D.downscale(self.get_images(c, ipc), 0.5).detach().data
+        self.optimizer_img = torch.optim.SGD([self.image_syn], lr=a.lr_img, momentum=0.5)
+        self.optimizer_img.zero_grad()
+        self.net_list: list[torch.nn.Module] = []
+        self.optimizer_list: list[torch.optim.Optimizer] = []
+        self.acc_meters: list[Any] = []
+        for _ in range(3):
+            self._append_net()
+        self.criterion = torch.nn.CrossEntropyLoss().to(a.device)
+
+    def get_images(self, c: int | None = None, n: int = 0) -> Any:  # get random n images from class c
+        if c is not None:
+            idx_shuffle = np.random.permutation(self.indices_class[c])[:n]
+            return self.images_all[idx_shuffle]
+        indices_flat = [_ for sublist in self.indices_class for _ in sublist]
+        idx_shuffle = np.random.permutation(indices_flat)[:n]
+        return self.images_all[idx_shuffle], self.labels_all[idx_shuffle]
+
+    def _append_net(self) -> None:
+        a = self.args
+        net = self.D.get_network(a.model, self.channel, self.num_classes, self.im_size).to(a.device)  # a random model
+        net.train()
+        if a.net_decay:
+            optimizer_net = torch.optim.SGD(net.parameters(), lr=a.lr_net, momentum=0.9, weight_decay=0.0005)
+        else:
+            optimizer_net = torch.optim.SGD(net.parameters(), lr=a.lr_net)
+        optimizer_net.zero_grad()
+        self.net_list.append(net)
+        self.optimizer_list.append(optimizer_net)
+        self.acc_meters.append(_class_error_meter())
+
+    def step(self, it: int) -> float:
+        D, args, ipc, channel, im_size = self.D, self.args, self.args.ipc, self.channel, self.im_size
+        num_classes, image_syn, label_syn = self.num_classes, self.image_syn, self.label_syn
+        net_list, get_images = self.net_list, self.get_images
+        if it % args.net_generate_interval == 0:
+            for _ in range(args.net_push_num):  # append and pop net list
+                if len(net_list) == args.net_num:
+                    net_list.pop(0)
+                    self.optimizer_list.pop(0)
+                    self.acc_meters.pop(0)
+                self._append_net()
+        _ = list(range(len(net_list)))
+        if len(_[args.net_begin: args.net_end]) > 10:
+            _ = _[args.net_begin: args.net_end]
+        random.shuffle(_)
+        net_index_list = _[:args.train_net_num]  # ij_selection == 'random'
+        train_net_list = [net_list[ind] for ind in net_index_list]
+        train_acc_list = [self.acc_meters[ind] for ind in net_index_list]
+        embed_list = [net.module.embed_channel_avg if torch.cuda.device_count() > 1 else net.embed_channel_avg
+                      for net in train_net_list]
+        loss_avg = 0.0
+        for _ in range(args.outer_loop):
+            loss_avg = 0
+            metrics = {"syn": 0.0, "real": 0.0}
+            acc_avg = {"syn": _class_error_meter()}
+            for image_sign, image_temp in [["syn", image_syn]]:  # 'BN' not in args.model
+                loss = torch.tensor(0.0).to(args.device)
+                for net_ind in range(len(train_net_list)):
+                    net = train_net_list[net_ind]
+                    net.eval()
+                    embed = embed_list[net_ind]
+                    net_acc = train_acc_list[net_ind]
+                    for c in range(num_classes):
+                        loss_c = torch.tensor(0.0).to(args.device)
+                        img_real = get_images(c, args.batch_real)
+                        img_syn = image_temp[c * ipc:(c + 1) * ipc].reshape((ipc, channel, im_size[0], im_size[1]))
+                        lab_syn = label_syn[c * ipc:(c + 1) * ipc]
+                        if args.aug:
+                            img_syn, lab_syn = D.number_sign_augment(img_syn, lab_syn)
+                        img_real_list, img_syn_list = [], []
+                        for _aug_i in range(args.aug_num):  # args.dsa
+                            seed = int(time.time() * 1000) % 100000
+                            img_real_list.append(D.DiffAugment(img_real, args.dsa_strategy, seed=seed, param=args.dsa_param))
+                            img_syn_list.append(D.DiffAugment(img_syn, args.dsa_strategy, seed=seed, param=args.dsa_param))
+                        img_real = torch.cat(img_real_list)
+                        img_syn = torch.cat(img_syn_list)
+                        output_real = embed(img_real, last=args.embed_last).detach()
+                        output_syn = embed(img_syn, last=args.embed_last)
+                        loss_c += torch.sum((torch.mean(output_real, dim=0) - torch.mean(output_syn, dim=0)) ** 2)
+                        logits_syn = net(img_syn)
+                        metrics[image_sign] += F.cross_entropy(logits_syn, lab_syn.repeat(args.aug_num)).detach().item()
+                        acc_avg[image_sign].add(logits_syn.detach(), lab_syn.repeat(args.aug_num))
+                        syn_ce_loss = 0
+                        if args.syn_ce:
+                            weight_i = net_acc.value()[0] if net_acc.n != 0 else 0
+                            syn_ce_loss += F.cross_entropy(logits_syn, lab_syn.repeat(args.aug_num)) * weight_i
+                            loss_c += syn_ce_loss * args.ce_weight
+                        self.optimizer_img.zero_grad()
+                        loss_c.backward()
+                        self.optimizer_img.step()
+                        loss += loss_c.item()
+                if image_sign == "syn":
+                    loss_avg += loss.item()
+            loss_avg /= num_classes
+            shuffled_net_index = list(range(len(net_list)))
+            random.shuffle(shuffled_net_index)
+            for j in range(min(args.fetch_net_num, len(shuffled_net_index))):
+                training_net_idx = shuffled_net_index[j]
+                net_train = net_list[training_net_idx]
+                net_train.train()
+                optimizer_net_train = self.optimizer_list[training_net_idx]
+                acc_meter_net_train = self.acc_meters[training_net_idx]
+                for _i in range(args.model_train_steps):
+                    img_real_, lab_real_ = get_images(c=None, n=args.trained_bs)
+                    real_logit = net_train(img_real_)
+                    syn_cls_loss = self.criterion(real_logit, lab_real_)
+                    optimizer_net_train.zero_grad()
+                    syn_cls_loss.backward()
+                    optimizer_net_train.step()
+                    acc_meter_net_train.add(real_logit.detach(), lab_real_)
+        return float(loss_avg)
+
+
+class _PixelSet:
+    """The torchvision CIFAR-10 training set as IDC's ``load_resized_data`` gives it to
+    ``ClassMemDataLoader`` (``ToTensor``: float images in [0, 1]), built from the bench tensors.
+
+    ``ClassMemDataLoader`` reads ``dataset[i][0]`` of every image once (here: views into one
+    device tensor, so no copy), ``dataset.targets`` and ``dataset.nclass``.
+    """
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, nclass: int) -> None:
+        self.pixels, self.targets, self.nclass = pixels, labels.tolist(), nclass
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= i < len(self.targets):
+            raise IndexError(i)
+        return self.pixels[i], self.targets[i]
+
+
+@contextlib.contextmanager
+def _cuda_literals_on(device: torch.device):
+    """While IDC's ``train.py`` is imported on a machine without CUDA: ``torch.tensor(..., device='cuda')``
+    creates the tensor on ``device`` instead. Only its module-level ``mean_torch``/``std_torch``
+    tables do that; nothing timed reads them."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.tensor
+
+    def tensor(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = device
+        return original(*args, **kwargs)
+
+    torch.tensor = tensor  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.tensor = original  # type: ignore[assignment]
+
+
+def import_reference_idc(path: str, device: torch.device) -> types.SimpleNamespace:
+    """Import IDC's ``condense``, ``train``, ``data`` and ``argument`` from a snu-mllab/Efficient-Dataset-Condensation checkout.
+
+    ``args`` comes from the reference's own ``argument.py``, parsed with ``IDC_ARGV`` (its README
+    command for CIFAR-10 IPC 10, factor 2: ``--reproduce`` applies ``misc/reproduce.py``).
+
+    Shims (each is named in the README):
+
+    * ``efficientnet_pytorch`` is stubbed when missing (``train.py``/``test.py`` import it; only
+      ``net_type='efficient'`` uses it).
+    * Without CUDA, ``train.py``'s module-level ``torch.tensor(..., device='cuda')`` tables are put
+      on ``device`` (:func:`_cuda_literals_on`; unused by the timed code), and ``train_epoch``'s CutMix
+      partner permutation ``random_indices(target, nclass)`` -- whose default is ``device='cuda'`` --
+      is the reference function with ``device=<bench device>``. On CUDA neither applies.
+    * ``misc.utils.rand_bbox`` (CutMix box) calls ``np.int``, which NumPy 2 removed: when it is
+      missing, ``misc.utils`` gets a copy of the numpy module namespace with ``int = int`` (what
+      ``np.int`` was: the builtin). The process-wide numpy is not changed.
+    """
+    root = _checkout(path, "--reference-idc", ("condense.py", "train.py", "data.py", "argument.py"),
+                     "snu-mllab/Efficient-Dataset-Condensation")
+    _common_shims()
+    try:
+        importlib.import_module("efficientnet_pytorch")
+    except ImportError:
+        class EfficientNet:  # noqa: D401 - stand-in
+            @classmethod
+            def from_name(cls, *a: Any, **k: Any) -> Any:
+                raise NotImplementedError("efficientnet_pytorch is not installed (bench stub)")
+
+        _stub_module("efficientnet_pytorch", EfficientNet=EfficientNet)
+    argv = sys.argv
+    with _isolated_imports(root), _cuda_literals_on(device), contextlib.redirect_stdout(sys.stderr):
+        condense = importlib.import_module("condense")
+        train, data, mutils = sys.modules["train"], sys.modules["data"], sys.modules["misc.utils"]
+        try:
+            sys.argv = list(IDC_ARGV)
+            argument = importlib.import_module("argument")
+        finally:
+            sys.argv = argv
+    if not hasattr(np, "int"):
+        np_compat = types.ModuleType("numpy")
+        np_compat.__dict__.update(np.__dict__)
+        np_compat.int = int  # type: ignore[attr-defined]
+        mutils.np = np_compat
+    if device.type != "cuda":
+        train.random_indices = functools.partial(mutils.random_indices, device=device)
+    return types.SimpleNamespace(condense=condense, train=train, data=data, args=argument.args)
+
+
+class RefIDC:
+    """One INNER step of IDC's ``condense()`` (``for ot in range(args.inner_loop)``), CIFAR-10 IPC 10, factor 2.
+
+    Set-up (untimed), as ``condense()`` does it: ``ClassMemDataLoader(trainset, batch_real)`` (its
+    ``--load_memory`` default: all training images resident on the device), ``Synthesizer`` with
+    ``init('mix')``, ``diffaug(args)``, SGD(lr_img, mom_img) on the images, and the outer
+    iteration's network (``define_model``: ConvNet-3, instance norm, width 128; SGD(lr 0.01,
+    momentum 0.9, wd 5e-4); ``CrossEntropyLoss``), plus the clamp of the images to [0, 1].
+    :meth:`inner_step` is the inner-loop body: for each class, ``loader_real.class_sample(c)``,
+    ``synset.sample(c, batch_syn_max)``, ``aug(cat(real, syn))``, ``matchloss`` (gradient
+    matching, mse), ``loss.item()``, one image SGD step; then ``train_epoch(…, n_data=args.n_data,
+    aug=aug_rand, mixup='cut')`` on ``loader_real``. Left out: the ``TimeStamp`` bookkeeping (its
+    ``args.time`` switch is off by default) and the per-outer-iteration logging.
+    """
+
+    def __init__(self, R: types.SimpleNamespace, pixels: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 sizes: IDCSizes) -> None:
+        args = argparse.Namespace(**vars(R.args))
+        args.batch_real, args.n_data = sizes.batch_real, sizes.n_data
+        self.R, self.args = R, args
+        # loader.device is a torch.device, so train_epoch's `if train_loader.device == 'cpu': .cuda()`
+        # is skipped, as it is on the reference's GPU (the data already sits on the device)
+        with contextlib.redirect_stdout(sys.stderr):
+            self.loader_real = R.data.ClassMemDataLoader(_PixelSet(pixels, labels, NUM_CLASSES),
+                                                         batch_size=args.batch_real, device=device)
+            self.nclass = NUM_CLASSES
+            nch, hs, ws = SHAPE
+            self.synset = R.condense.Synthesizer(args, self.nclass, nch, hs, ws, device=device)
+            self.synset.init(self.loader_real, init_type=args.init)
+            self.aug, self.aug_rand = R.condense.diffaug(args, device=device)
+        self.optim_img = torch.optim.SGD(self.synset.parameters(), lr=args.lr_img, momentum=args.mom_img)
+        # the outer iteration's network (it % fix_iter == 0)
+        self.model = R.train.define_model(args, self.nclass).to(device)
+        self.model.train()
+        self.optim_net = torch.optim.SGD(self.model.parameters(), args.lr, momentum=args.momentum,
+                                         weight_decay=args.weight_decay)
+        self.criterion = torch.nn.CrossEntropyLoss()
+        self.synset.data.data = torch.clamp(self.synset.data.data, min=0.0, max=1.0)
+
+    def inner_step(self) -> float:
+        args, synset, loader_real, model, R = self.args, self.synset, self.loader_real, self.model, self.R
+        loss_total = 0.0
+        for c in range(self.nclass):  # update synset
+            img, lab = loader_real.class_sample(c)
+            img_syn, lab_syn = synset.sample(c, max_size=args.batch_syn_max)
+            n = img.shape[0]
+            img_aug = self.aug(torch.cat([img, img_syn]))
+            loss = R.condense.matchloss(args, img_aug[:n], img_aug[n:], lab, lab_syn, model)
+            loss_total += loss.item()
+            self.optim_img.zero_grad()
+            loss.backward()
+            self.optim_img.step()
+        if args.n_data > 0:  # net update
+            for _ in range(args.net_epoch):
+                R.train.train_epoch(args, loader_real, model, self.criterion, self.optim_net, n_data=args.n_data,
+                                    aug=self.aug_rand, mixup=args.mixup_net)
+        return loss_total / self.nclass
+
+
 # ---------------------------------------------------------------------------------------- ours
 
 
@@ -272,15 +723,56 @@ def our_params(budget: int, bf16: bool, epochs: int = 1):
     })
 
 
-def our_dm(data: Data, device: torch.device, noe: int, bf16: bool):
-    """Build our DM method exactly as ``moedd.distill.optimise`` does; returns (method, syn)."""
-    params = our_params(10, bf16)
+def our_method(name: str, params: Any, data: Data, device: torch.device, noe: int):
+    """Build our expert method ``name`` exactly as ``moedd.distill.optimise`` does; returns (method, syn)."""
     prep = data.prepared
     part = make_partition(prep.train_labels, prep.num_classes, noe, seed=0, data_digest=prep.digest)
-    method = build_method("dm", params, prep, part, device)
+    method = build_method(name, params, prep, part, device)
     syn = method.init_images().detach().clone().requires_grad_(True)
     method.setup(syn)
     return method, syn
+
+
+def our_dm(data: Data, device: torch.device, noe: int, bf16: bool):
+    """Our DM method at the bench settings; returns (method, syn)."""
+    return our_method("dm", our_params(10, bf16), data, device, noe)
+
+
+def _no_preset(method: str) -> dict[str, str]:
+    """``experts.<method>.preset: none`` where the config has presets: the bench writes every knob itself."""
+    cfg = load_params(None).experts.for_method(method)
+    return {f"experts.{method}.preset": "none"} if "preset" in type(cfg).model_fields else {}
+
+
+def idm_params(sizes: IDMSizes):
+    """Our IDM settings = the reference run's (``IDM_ARGS``); every knob written out, so neither the
+    config defaults nor a dataset preset (``experts.idm.preset``) can make the two sides differ."""
+    a = IDM_ARGS
+    return load_params(None, {"distill.budget": a["ipc"], **_no_preset("idm"), **{f"experts.idm.{k}": v for k, v in {
+        "lr_img": a["lr_img"], "momentum": 0.5, "batch_real": sizes.batch_real, "ce_weight": a["ce_weight"],
+        "net_num": a["net_num"], "net_generate_interval": a["net_generate_interval"],
+        "train_net_num": a["train_net_num"], "fetch_net_num": a["fetch_net_num"],
+        "model_train_steps": sizes.model_train_steps, "trained_bs": sizes.trained_bs, "net_lr": a["lr_net"],
+        "net_momentum": 0.9, "net_weight_decay": 0.0005, "factor": 2, "dsa_strategy": a["dsa_strategy"],
+    }.items()}})
+
+
+def idc_params(sizes: IDCSizes, args: argparse.Namespace | None):
+    """Our IDC settings = the reference's ``args`` for ``IDC_ARGV`` (the literal values when the
+    reference is not given); every knob written out, as in :func:`idm_params`."""
+    ref = {"batch_syn_max": 128, "lr_img": 5e-3, "mom_img": 0.5, "lr": 0.01, "momentum": 0.9,
+           "weight_decay": 5e-4, "mix_p": 0.5, "beta": 1.0, "factor": 2, "aug_type": "color_crop_cutout",
+           "metric": "mse", "ipc": 10}
+    if args is not None:
+        ref = {k: getattr(args, k) for k in ref}
+    net_aug = "_".join(a for a in ref["aug_type"].split("_") if a != "cutout")  # diffaug(): mixup_net 'cut'
+    return load_params(None, {"distill.budget": ref["ipc"], **_no_preset("idc"), **{f"experts.idc.{k}": v for k, v in {
+        "batch_real": sizes.batch_real, "batch_syn_max": ref["batch_syn_max"], "lr_img": ref["lr_img"],
+        "momentum": ref["mom_img"], "n_data": sizes.n_data, "net_lr": ref["lr"], "net_momentum": ref["momentum"],
+        "net_weight_decay": ref["weight_decay"], "mix_p": ref["mix_p"], "mix_beta": ref["beta"],
+        "factor": ref["factor"], "match_dsa_strategy": ref["aug_type"], "net_dsa_strategy": net_aug,
+        "metric": ref["metric"],
+    }.items()}})
 
 
 def bf16_available(device: torch.device) -> bool:
@@ -336,6 +828,90 @@ def bench_dm(data: Data, device: torch.device, U: types.ModuleType | None, reps:
         rows.append(row)
         del method, syn
     return rows
+
+
+def _alternate(row: Row, ours: Callable[[], Any], ref: Callable[[], Any] | None, reps: int,
+               device: torch.device) -> None:
+    """Warm-up once each, then ``reps`` timed calls, ours and the reference alternating (seconds)."""
+    ours()
+    if ref is not None:
+        ref()
+    for r in range(reps):
+        row.ours_samples.append(_timed(ours, device))
+        if ref is not None:
+            row.ref_samples.append(_timed(ref, device))
+        log(f"  rep {r + 1}/{reps}: ours {row.ours_samples[-1]:.3f}s"
+            + (f", reference {row.ref_samples[-1]:.3f}s" if ref is not None else ""))
+    row.ours = _median(row.ours_samples)
+    if row.ref_samples:
+        row.ref = _median(row.ref_samples)
+
+
+def bench_idm(data: Data, device: torch.device, D: types.ModuleType | None, reps: int, sizes: IDMSizes,
+              goal: float) -> list[Row]:
+    """IDM: seconds per iteration, ``method.step(syn, it)`` (NoE 1, IPC 10) vs :class:`RefIDM` ``.step(it)``.
+
+    Both sides start with the same queue (3 networks, plus the one both push at iteration 0, the
+    untimed warm-up) and then run iterations 1, 2, ..., so they push networks at the same
+    iterations (every 30th: none unless ``reps`` >= 30).
+    """
+    log("IDM iteration: building")
+    method, syn = our_method("idm", idm_params(sizes), data, device, 1)
+    ref = RefIDM(D, data, device, sizes) if D is not None else None
+    its = {"ours": 0, "ref": 0}
+
+    def ours_step() -> None:
+        out = method.step(syn, its["ours"])
+        float(out["loss"])
+        its["ours"] += 1
+
+    def ref_step() -> None:
+        assert ref is not None
+        ref.step(its["ref"])
+        its["ref"] += 1
+
+    row = Row("idm", "IDM iteration, IPC 10 (s)", "s", goal=goal if sizes.standard else None)
+    if not sizes.standard:
+        row.note = f"reduced size ({sizes.describe()}): a harness check, not the standard setting"
+    _alternate(row, ours_step, ref_step if ref is not None else None, reps, device)
+    return [row]
+
+
+def bench_idc(data: Data, device: torch.device, R: types.SimpleNamespace | None, reps: int, sizes: IDCSizes,
+              goal: float) -> list[Row]:
+    """IDC: seconds per INNER step (matching over the 10 classes + network update on n_data real images).
+
+    Ours: ``method.match_phase(net, syn, gen)`` + ``method.train_net(net, opt, gen, rng)``, with the
+    network, its optimiser and the generators set up as ``IDC.step`` sets them up for outer
+    iteration 0 (and the images clamped, as there); reference: :meth:`RefIDC.inner_step`. Outer
+    set-up is untimed on both sides; successive inner steps reuse (and train) the same network,
+    as in both loops.
+    """
+    log("IDC inner step: building")
+    params = idc_params(sizes, R.args if R is not None else None)
+    method, syn = our_method("idc", params, data, device, 1)
+    cfg, ctx = method.cfg, method.ctx
+    with torch.no_grad():
+        syn.clamp_(0.0, 1.0)
+    net = method.fresh_net(0)
+    net_opt = torch.optim.SGD(net.parameters(), lr=cfg.net_lr, momentum=cfg.net_momentum,
+                              weight_decay=cfg.net_weight_decay)
+    gen_match, gen_net = ctx.generator(0, stream=2), ctx.generator(0, stream=3)
+    rng = np.random.default_rng(ctx.seed_for(0, stream=4))
+    ref = None
+    if R is not None:
+        pixels = data.prepared.train_images.to(device).float().div_(255.0)
+        ref = RefIDC(R, pixels, data.prepared.train_labels, device, sizes)
+
+    def ours_inner() -> None:
+        method.match_phase(net, syn, gen_match)
+        method.train_net(net, net_opt, gen_net, rng)
+
+    row = Row("idc", "IDC inner step, IPC 10 (s)", "s", goal=goal if sizes.standard else None)
+    if not sizes.standard:
+        row.note = f"reduced size ({sizes.describe()}): a harness check, not the standard setting"
+    _alternate(row, ours_inner, ref.inner_step if ref is not None else None, reps, device)
+    return [row]
 
 
 def synthetic_training_set(device: torch.device, seed: int = 1) -> tuple[TrainingSet, torch.Tensor, torch.Tensor]:
@@ -492,6 +1068,20 @@ def _git_state() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
+def _checkout_commit(path: str) -> str:
+    """``@<short commit> `` of a reference checkout when it is a git work tree, else ``""``."""
+    import subprocess
+
+    if not (Path(path).expanduser() / ".git").exists():  # e.g. a `git archive` extract
+        return ""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(path).expanduser(), capture_output=True,
+                             text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f"@{rev} " if rev else ""
+
+
 def allocator_info() -> str:
     if os.environ.get("MOEDD_NO_MALLOPT"):
         s = "glibc malloc defaults (MOEDD_NO_MALLOPT set: tune_process skipped mallopt)"
@@ -535,13 +1125,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--reference-dc", metavar="PATH", help="DatasetCondensation checkout to compare against")
     p.add_argument("--quick", action="store_true", help="fewer repetitions, small test pass, no extra DM rows (~1 min on CPU)")
-    p.add_argument("--only", default="dm,train,test", help="comma list of sections: dm, train, test")
+    p.add_argument("--reference-idm", metavar="PATH", help="uitrbn/IDM checkout to compare the IDM row against")
+    p.add_argument("--reference-idc", metavar="PATH",
+                   help="snu-mllab/Efficient-Dataset-Condensation checkout to compare the IDC row against")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {', '.join(SECTIONS)}")
     p.add_argument("--nets", default=",".join(NETS), help="evaluation networks (default: all four)")
     p.add_argument("--dm-reps", type=int, help="timed DM iterations per row (default 5; quick 2)")
     p.add_argument("--train-epochs", type=int, help="timed training epochs per net (default 6; quick 2)")
     p.add_argument("--test-images", type=int, help="test images per timed pass, reported per 10k "
                    "(default: 10000 on CUDA, 1000 on CPU; quick 256 on CPU)")
     p.add_argument("--test-reps", type=int, help="timed test passes per net (default 3; quick 1)")
+    p.add_argument("--idm-reps", type=int, help="timed IDM iterations per side (default 5; quick 2)")
+    p.add_argument("--idc-reps", type=int, help="timed IDC inner steps per side (default 5; quick 2)")
+    g = p.add_argument_group("reduced IDM/IDC sizes, for checking the harness (both sides alike; rows get no goal)")
+    g.add_argument("--idm-batch-real", type=int, default=IDMSizes.batch_real, help="real images per class (256)")
+    g.add_argument("--idm-train-steps", type=int, default=IDMSizes.model_train_steps,
+                   help="model_train_steps per trained queue net (10)")
+    g.add_argument("--idm-trained-bs", type=int, default=IDMSizes.trained_bs, help="queue-net training batch (256)")
+    g.add_argument("--idc-batch-real", type=int, default=IDCSizes.batch_real,
+                   help="real images per class for matching and per network-training batch (64)")
+    g.add_argument("--idc-n-data", type=int, default=IDCSizes.n_data, help="real samples per network update (2000)")
     p.add_argument("--no-noe2", action="store_true", help="skip the NoE=2 DM row")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 DM row")
     p.add_argument("--profile", action="store_true", help="also profile one DM step of ours and of the reference (torch.profiler top ops)")
@@ -559,7 +1162,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(err)) from None
     cuda = device.type == "cuda"
     sections = {s.strip() for s in a.only.split(",") if s.strip()}
-    unknown = sections - {"dm", "train", "test"}
+    unknown = sections - set(SECTIONS)
     if unknown:
         raise SystemExit(f"--only: unknown section(s) {sorted(unknown)}")
     nets = [n.strip() for n in a.nets.split(",") if n.strip()]
@@ -570,10 +1173,16 @@ def main(argv: list[str] | None = None) -> int:
     train_epochs = a.train_epochs or (2 if a.quick else 6)
     test_images = min(a.test_images or (NUM_TEST if cuda else (256 if a.quick else 1000)), NUM_TEST)
     test_reps = a.test_reps or (1 if a.quick else 3)
+    idm_reps = a.idm_reps or (2 if a.quick else 5)
+    idc_reps = a.idc_reps or (2 if a.quick else 5)
+    idm_sizes = IDMSizes(a.idm_batch_real, a.idm_train_steps, a.idm_trained_bs)
+    idc_sizes = IDCSizes(a.idc_batch_real, a.idc_n_data)
     with_bf16 = not a.no_bf16 and not a.quick and bf16_available(device)
     with_noe2 = not a.no_noe2 and not a.quick
 
     U = import_reference(a.reference_dc) if a.reference_dc else None
+    D_idm = import_reference_idm(a.reference_idm) if a.reference_idm and "idm" in sections else None
+    R_idc = import_reference_idc(a.reference_idc, device) if a.reference_idc and "idc" in sections else None
     info = machine_info(device)
     alloc = allocator_info()
     header = (f"machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads)"
@@ -581,13 +1190,19 @@ def main(argv: list[str] | None = None) -> int:
               + f"; torch {info['torch']}; device {device}; moedd {info['moedd_git']}; {info['date']}")
     print(header, flush=True)
     print(f"allocator: {alloc}", flush=True)
-    if U is None:
-        print("reference: not given (--reference-dc PATH); only our numbers", flush=True)
-    else:
-        print(f"reference: {Path(a.reference_dc).resolve()} (imported in this process)", flush=True)
+    for flag, path, mod, secs in (("--reference-dc", a.reference_dc, U, {"dm", "train", "test"}),
+                                  ("--reference-idm", a.reference_idm, D_idm, {"idm"}),
+                                  ("--reference-idc", a.reference_idc, R_idc, {"idc"})):
+        if not sections & secs:
+            continue
+        if mod is None:
+            print(f"reference {'/'.join(sorted(secs))}: not given ({flag} PATH); only our numbers", flush=True)
+        else:
+            print(f"reference {'/'.join(sorted(secs))}: {Path(path).resolve()} {_checkout_commit(path)}"
+                  "(imported in this process)", flush=True)
 
     t_start = time.perf_counter()
-    data = make_data(device, with_reference=U is not None and "dm" in sections)
+    data = make_data(device, with_reference=(U is not None and "dm" in sections) or D_idm is not None)
     rows: list[Row] = []
     warnings.filterwarnings("ignore", category=UserWarning)  # the reference's affine_grid/meshgrid warnings
     if "dm" in sections:
@@ -596,6 +1211,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_train(device, U, nets, train_epochs, goal=1.0)
     if "test" in sections:
         rows += bench_test(data, device, U, nets, test_images, test_reps, goal=1.5)
+    if "idm" in sections:
+        rows += bench_idm(data, device, D_idm, idm_reps, idm_sizes, goal=1.3)
+    if "idc" in sections:
+        rows += bench_idc(data, device, R_idc, idc_reps, idc_sizes, goal=1.3)
     total = time.perf_counter() - t_start
 
     print()
@@ -612,6 +1231,15 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"test: median of {test_reps} pass(es) over {test_images} random images, scaled to 10,000, after a "
                      f"256-image warm-up; ours test_accuracy (batch {load_params(None).evaluate.test_batch_size}), "
                      "reference epoch('test') (batch 256, in-memory TensorDataset).")
+    if "idm" in sections:
+        notes.append(f"IDM: median of {idm_reps} iterations after 1 warm-up, alternating; NoE 1, IPC 10, factor 2, "
+                     f"{idm_sizes.describe()}, fetch_net_num 2, ce_weight 0.5, DSA {DSA_STRATEGY}; ours "
+                     "method.step, reference IDM_cifar10.py's loop body (incl. queue-net training).")
+    if "idc" in sections:
+        notes.append(f"IDC: median of {idc_reps} inner steps after 1 warm-up, alternating; NoE 1, IPC 10, factor 2, "
+                     f"{idc_sizes.describe()}, batch_syn_max 128, CutMix p 0.5, metric mse; ours match_phase + "
+                     "train_net, reference condense.py's inner-loop body (per-class matchloss + train_epoch).")
+    notes += [f"{r.what}: {r.note}" for r in rows if r.note and r.section in ("idm", "idc")]
     unsteady = [f"{r.what} ({side} {max(xs) / min(xs):.1f}x)" for r in rows
                 for side, xs in (("ours", r.ours_samples), ("ref", r.ref_samples))
                 if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) > 1.5]
@@ -627,9 +1255,12 @@ def main(argv: list[str] | None = None) -> int:
         print(profile_dm(data, device, U))
     if a.json:
         out = {
-            "machine": info, "allocator": alloc, "reference": a.reference_dc, "argv": sys.argv,
+            "machine": info, "allocator": alloc, "reference": a.reference_dc, "reference_idm": a.reference_idm,
+            "reference_idc": a.reference_idc, "argv": sys.argv,
             "settings": {"dm_reps": dm_reps, "train_epochs": train_epochs, "test_images": test_images,
-                         "test_reps": test_reps, "quick": a.quick},
+                         "test_reps": test_reps, "quick": a.quick, "sections": sorted(sections),
+                         "idm_reps": idm_reps, "idc_reps": idc_reps, "idm_sizes": asdict(idm_sizes),
+                         "idc_sizes": asdict(idc_sizes)},
             "seconds_total": total,
             "rows": [{**asdict(r), "speedup": r.speedup, "met": r.met} for r in rows],
         }
