@@ -7,20 +7,24 @@ IPC 10) next to the reference implementation (VICO-UoE/DatasetCondensation: ``ma
 DM, ``utils.epoch`` as called by ``utils.evaluate_synset`` for evaluation), and seconds per IDM
 iteration and per IDC inner step at their CIFAR-10 IPC 10 settings next to uitrbn/IDM
 (``IDM_cifar10.py``'s loop body) and snu-mllab/Efficient-Dataset-Condensation (``condense.py``'s
-inner-loop body). This is a benchmark, not a test: it asserts nothing and needs no dataset
-(random CIFAR-shaped tensors are used).
+inner-loop body), and seconds and peak memory per MTT iteration (CIFAR-10 IPC 10) and seconds per
+teacher epoch next to GeorgeCazenavette/mtt-distillation (``distill.py``'s loop body, ``buffer.py``'s
+epoch). This is a benchmark, not a test: it asserts nothing and needs no dataset (random
+CIFAR-shaped tensors are used).
 
 The references are NOT vendored: pass the paths of checkouts with ``--reference-dc PATH``,
-``--reference-idm PATH``, ``--reference-idc PATH``; they are imported at run time in this same
-process, so both sides share the interpreter, the thread pool and the allocator settings
-(``moedd.device.tune_process``). Without a reference path only our numbers are printed for its
-rows.
+``--reference-idm PATH``, ``--reference-idc PATH``, ``--reference-mtt PATH``; they are imported at
+run time in this same process, so both sides share the interpreter, the thread pool and the
+allocator settings (``moedd.device.tune_process``). Exception: the MTT rows run each side in its
+own child process (``bench.py --_mtt-worker ours|ref``), because peak memory is per process.
+Without a reference path only our numbers are printed for its rows.
 
 Usage::
 
     python benchmarks/bench.py --reference-dc /tmp/dc-ref --only dm,train,test   # ~4.5 min on 2 CPU cores
     python benchmarks/bench.py --reference-dc /tmp/dc-ref --quick                # ~1 min (+ IDM/IDC rows)
     python benchmarks/bench.py --only idm,idc --reference-idm /tmp/idm-ref --reference-idc /tmp/idc-ref
+    python benchmarks/bench.py --only mtt,teacher --reference-mtt /tmp/mtt-ref
     python benchmarks/bench.py --json bench.json --device cuda
 
 Timing protocol: every measured thing runs once untimed (warm-up) and then N times; the median
@@ -37,11 +41,14 @@ import datetime
 import functools
 import importlib
 import json
+import math
 import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import types
 import warnings
@@ -63,15 +70,18 @@ from moedd.config import load_params
 from moedd.data import Prepared, make_partition
 from moedd.device import resolve_device, tune_process
 from moedd.distill import build_method
+from moedd.data.zca import ZCA
 from moedd.evaluate import TrainingSet, normalize_test, test_accuracy, train_network
+from moedd.experts.mtt import peak_memory_gb
 from moedd.nets import create_net
+from moedd.trajectories import flat_params, init_teacher, train_teacher
 
 NUM_CLASSES, PER_CLASS, NUM_TEST, SHAPE = 10, 5000, 10_000, (3, 32, 32)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 # our registry name -> reference get_network name
 NETS = {"convnet3": "ConvNet", "vgg11": "VGG11", "resnet18": "ResNet18", "alexnet": "AlexNet"}
-SECTIONS = ("dm", "train", "test", "idm", "idc")
+SECTIONS = ("dm", "train", "test", "idm", "idc", "mtt", "teacher")
 
 
 # ------------------------------------------------------------------------------------- timing
@@ -96,7 +106,8 @@ def _median(xs: list[float]) -> float:
 
 @dataclass
 class Row:
-    """One line of the result table. ``unit`` is it/s, epochs/s (higher is better) or s (lower)."""
+    """One line of the result table. ``unit`` is it/s, epochs/s (higher is better), s or GiB (lower);
+    ``speedup`` is ours/reference for rates and reference/ours for seconds and GiB (>1: ours better)."""
 
     section: str
     what: str
@@ -112,7 +123,7 @@ class Row:
     def speedup(self) -> float | None:
         if self.ours is None or self.ref is None or self.ours <= 0 or self.ref <= 0:
             return None
-        return self.ref / self.ours if self.unit == "s" else self.ours / self.ref
+        return self.ref / self.ours if self.unit in ("s", "GiB") else self.ours / self.ref
 
     @property
     def met(self) -> bool | None:
@@ -713,6 +724,278 @@ class RefIDC:
         return loss_total / self.nclass
 
 
+# ------------------------------------------------------------------------------ reference: MTT
+
+
+@dataclass(frozen=True)
+class MTTSizes:
+    """The MTT knobs that set the amount of work (standard = the CIFAR-10 IPC 10 row, algorithms.md §7.3)."""
+
+    ipc: int = 10
+    syn_steps: int = 30
+
+    @property
+    def standard(self) -> bool:
+        return self == MTTSizes()
+
+    def describe(self) -> str:
+        return f"IPC {self.ipc} (batch_syn all {NUM_CLASSES * self.ipc}), syn_steps {self.syn_steps}"
+
+
+# The CIFAR-10 IPC 10 row of the author-provided table (algorithms.md §7.3; presets.mtt.cifar10.10):
+# distill.py --dataset CIFAR10 --ipc 10 --syn_steps 30 --expert_epochs 2 --max_start_epoch 20 --zca
+# --lr_img 100 --lr_lr 1e-5 --lr_teacher 0.001 (batch_syn: all); the rest: distill.py's argparse defaults.
+MTT_ARGS = dict(
+    model="ConvNet", expert_epochs=2, max_start_epoch=20, lr_img=100.0, lr_lr=1e-5, lr_teacher=0.001,
+    dsa="True", dsa_strategy=DSA_STRATEGY, zca=True, no_aug=False, texture=False,
+)
+MTT_TEACHERS = 2
+"""Teachers in the stand-in trajectory buffer (both sides draw one per iteration; timing does not depend on which)."""
+MTT_WORKER_SIDES = ("ours", "ref")
+
+
+def import_reference_mtt(path: str) -> types.SimpleNamespace:
+    """Import ``utils`` (get_network, DiffAugment, ParamDiffAug, epoch, TensorDataset) and
+    ``reparam_module.ReparamModule`` from a GeorgeCazenavette/mtt-distillation checkout.
+
+    ``distill.py`` and ``buffer.py`` are not imported: their loops are the bodies of ``main()``
+    (nothing to call); :class:`RefMTT` and :class:`RefTeacher` are those bodies. Shims: the
+    ``_common_shims``, and ``kornia`` is stubbed when it cannot be imported (``utils`` imports it at
+    module level; only ``get_dataset``'s ZCA fitting, ``K.enhance.ZCAWhitening``, uses it, which
+    is not on a timed path). ``wandb`` (imported by ``distill.py`` only) is not needed.
+    """
+    root = _checkout(path, "--reference-mtt", ("distill.py", "buffer.py", "utils.py", "reparam_module.py"),
+                     "GeorgeCazenavette/mtt-distillation")
+    _common_shims()
+    try:
+        importlib.import_module("kornia")
+    except ImportError:
+        def _no_zca(*a: Any, **k: Any) -> Any:
+            raise NotImplementedError("kornia is not installed (bench stub; only get_dataset's ZCA uses it)")
+        _stub_module("kornia", enhance=types.SimpleNamespace(ZCAWhitening=_no_zca))
+    with _isolated_imports(root):
+        utils = importlib.import_module("utils")
+        reparam = importlib.import_module("reparam_module")
+    return types.SimpleNamespace(utils=utils, ReparamModule=reparam.ReparamModule)
+
+
+@dataclass
+class MTTInputs:
+    """What both MTT workers start from, built identically (and deterministically) in each process.
+
+    Attributes:
+        prepared: a small random pool (2·IPC images per class) that our method is built on.
+        zca: the transform of the stand-in trajectories (see :func:`bench_zca`).
+        images: (C·IPC, 3, 32, 32) the synthetic images, ZCA space, class-major, on the device:
+            the first IPC pool images of every class (MTT's ``pix_init real``). Both sides start here.
+        trajectories: per teacher, float32 (epochs+1, P) flat ConvNet-3 parameters on the CPU.
+    """
+
+    prepared: Prepared
+    zca: ZCA
+    images: torch.Tensor
+    trajectories: list[torch.Tensor]
+
+    @property
+    def epochs(self) -> int:
+        return len(self.trajectories[0]) - 1
+
+
+def bench_zca(pool_u8: torch.Tensor, eps: float, digest: str) -> ZCA:
+    """A ZCA transform of the pool with the identity as eigenbasis and the per-pixel variances as
+    eigenvalues (a diagonal ZCA), instead of an eigendecomposition of the full 3072 x 3072
+    covariance (``fit_zca``: about a minute on 2 CPU cores, per worker). Neither MTT step reads the
+    transform; only the values of the images depend on it, and the step's cost does not."""
+    x = pool_u8.reshape(len(pool_u8), -1).double().div_(255.0)
+    mean, var = x.mean(0), x.var(0)
+    return ZCA(mean.float(), torch.eye(x.shape[1]), var, float(eps), len(pool_u8), digest)
+
+
+def mtt_inputs(sizes: MTTSizes, device: torch.device, seed: int = 0) -> MTTInputs:
+    """Random pool, stand-in ZCA, synthetic images and teacher trajectories (see :class:`MTTInputs`).
+
+    The trajectories are those of a real ConvNet-3 in shape only: teacher i is a freshly initialised
+    ``convnet3`` (seed ``seed + i``) whose flat parameters drift by a fixed random direction
+    (N(0, 2e-3²) per element) each epoch, for ``max_start_epoch + expert_epochs`` epochs. The MTT
+    step's cost does not depend on the values.
+    """
+    g = torch.Generator().manual_seed(seed)
+    per_class = 2 * sizes.ipc
+    n = NUM_CLASSES * per_class
+    train_x = torch.randint(0, 256, (n, *SHAPE), generator=g, dtype=torch.uint8)
+    train_y = torch.arange(NUM_CLASSES).repeat(per_class)
+    test_x = torch.randint(0, 256, (NUM_CLASSES, *SHAPE), generator=g, dtype=torch.uint8)
+    test_y = torch.arange(NUM_CLASSES)
+    prepared = Prepared("bench-mtt-pool", [f"c{i}" for i in range(NUM_CLASSES)], train_x, train_y, test_x, test_y,
+                        CIFAR_MEAN, CIFAR_STD, "bench-mtt-pool-digest")
+    zca = bench_zca(train_x, 0.1, prepared.digest)
+    first = torch.cat([torch.nonzero(train_y == c).flatten()[:sizes.ipc] for c in range(NUM_CLASSES)])
+    images = zca.apply_u8(train_x[first]).to(device)
+    epochs = MTT_ARGS["max_start_epoch"] + MTT_ARGS["expert_epochs"]
+    trajectories = []
+    for i in range(MTT_TEACHERS):
+        theta0 = flat_params(init_teacher("convnet3", NUM_CLASSES, SHAPE, seed + i))
+        drift = torch.randn(theta0.shape, generator=g) * 2e-3
+        trajectories.append(theta0 + torch.arange(epochs + 1, dtype=torch.float32)[:, None] * drift)
+    return MTTInputs(prepared, zca, images, trajectories)
+
+
+@dataclass
+class BenchTrajectories:
+    """In-memory stand-in for :class:`moedd.trajectories.Trajectories` (what the MTT expert reads:
+    ``meta``, ``zca``, ``count``, ``load``), holding :attr:`MTTInputs.trajectories`."""
+
+    meta: dict[str, Any]
+    zca: ZCA | None
+    trajectories: list[torch.Tensor]
+
+    def count(self, shard: int) -> int:
+        return len(self.trajectories)
+
+    def load(self, shard: int, index: int) -> torch.Tensor:
+        return self.trajectories[index]
+
+
+class RefMTT:
+    """One iteration of the ``for it in range(0, args.Iteration+1)`` loop of mtt-distillation's ``distill.py``.
+
+    Set-up (untimed) as ``main()`` does it, from :class:`MTTInputs`: ``image_syn`` = the same
+    ZCA-space images as ours, ``label_syn`` class-major, ``syn_lr`` = lr_teacher, SGD(lr_img,
+    momentum 0.5) on the images and SGD(lr_lr, momentum 0.5) on ``syn_lr``, ``CrossEntropyLoss``,
+    and the replay buffer as ``buffer.py`` writes it (a list of trajectories, each a list of
+    ``epochs + 1`` lists of per-parameter tensors; here views of the same flat trajectories ours
+    reads) and ``--load_all`` (all of it in memory, a random trajectory per iteration).
+    :meth:`step` is the loop body, in order: ``get_network(..., dist=False)`` +
+    ``ReparamModule`` (a fresh student), ``num_params``, the trajectory and start epoch
+    (``np.random.randint``), flat start and target parameters on the device, ``syn_steps``
+    student steps (``torch.randperm`` index chunks of ``batch_syn``, ``DiffAugment`` per sample,
+    the reparametrised forward, CE, ``torch.autograd.grad(create_graph=True)``, the SGD update of
+    the flat parameters), the normalised parameter distance (``mse_loss(reduction='sum')`` / num_params,
+    twice), ``zero_grad`` x 2, ``backward``, the two SGD steps, and ``grand_loss.item()`` (the
+    loop prints it every 10 iterations; here every iteration, as our side reads its loss).
+    Left out: the evaluation/saving block (every ``eval_it`` = 100 iterations) and the ``wandb.log``
+    calls; their host copies (``grand_loss.detach().cpu()``, ``syn_lr.detach().cpu()``) are kept.
+    """
+
+    def __init__(self, R: types.SimpleNamespace, inputs: MTTInputs, device: torch.device, sizes: MTTSizes) -> None:
+        U = R.utils
+        a = argparse.Namespace(**MTT_ARGS, ipc=sizes.ipc, syn_steps=sizes.syn_steps, device=str(device))
+        a.dsa = a.dsa == "True"
+        a.dsa_param = U.ParamDiffAug()
+        a.batch_syn = NUM_CLASSES * a.ipc  # args.batch_syn is None -> num_classes * ipc
+        a.distributed = False  # torch.cuda.device_count() > 1: the bench uses one device
+        self.R, self.args = R, a
+        self.channel, self.im_size, self.num_classes = SHAPE[0], SHAPE[1:], NUM_CLASSES
+        shapes = [p.shape for p in U.get_network(a.model, self.channel, NUM_CLASSES, self.im_size, dist=False).parameters()]
+        numels = [math.prod(s) for s in shapes]
+        if sum(numels) != inputs.trajectories[0].shape[1]:
+            raise SystemExit("--reference-mtt: its ConvNet has a different parameter count than ours (convnet3)")
+        self.buffer = [[[t.view(s) for t, s in zip(snap.split(numels), shapes)] for snap in traj]
+                       for traj in inputs.trajectories]
+        self.label_syn = torch.tensor(np.array([np.ones(a.ipc, dtype=np.int_) * i for i in range(NUM_CLASSES)]),
+                                      dtype=torch.long, requires_grad=False, device=a.device).view(-1)
+        self.image_syn = inputs.images.detach().clone().to(a.device).requires_grad_(True)
+        self.syn_lr = torch.tensor(a.lr_teacher).to(a.device).detach().requires_grad_(True)
+        self.optimizer_img = torch.optim.SGD([self.image_syn], lr=a.lr_img, momentum=0.5)
+        self.optimizer_lr = torch.optim.SGD([self.syn_lr], lr=a.lr_lr, momentum=0.5)
+        self.optimizer_img.zero_grad()
+        self.criterion = torch.nn.CrossEntropyLoss().to(a.device)
+
+    def step(self) -> float:
+        R, U, args, buffer = self.R, self.R.utils, self.args, self.buffer
+        channel, num_classes, im_size = self.channel, self.num_classes, self.im_size
+        image_syn, label_syn, syn_lr, criterion = self.image_syn, self.label_syn, self.syn_lr, self.criterion
+        _ = syn_lr.detach().cpu()  # wandb.log({"Synthetic_LR": syn_lr.detach().cpu()}, step=it)
+        student_net = U.get_network(args.model, channel, num_classes, im_size, dist=False).to(args.device)  # get a random model
+        student_net = R.ReparamModule(student_net)
+        student_net.train()
+        num_params = sum([np.prod(p.size()) for p in (student_net.parameters())])
+        expert_trajectory = buffer[np.random.randint(0, len(buffer))]  # args.load_all
+        start_epoch = np.random.randint(0, args.max_start_epoch)
+        starting_params = expert_trajectory[start_epoch]
+        target_params = expert_trajectory[start_epoch + args.expert_epochs]
+        target_params = torch.cat([p.data.to(args.device).reshape(-1) for p in target_params], 0)
+        student_params = [torch.cat([p.data.to(args.device).reshape(-1) for p in starting_params], 0).requires_grad_(True)]
+        starting_params = torch.cat([p.data.to(args.device).reshape(-1) for p in starting_params], 0)
+        syn_images = image_syn
+        y_hat = label_syn.to(args.device)
+        param_loss_list = []
+        param_dist_list = []
+        indices_chunks: list[torch.Tensor] = []
+        for _step in range(args.syn_steps):
+            if not indices_chunks:
+                indices = torch.randperm(len(syn_images))
+                indices_chunks = list(torch.split(indices, args.batch_syn))
+            these_indices = indices_chunks.pop()
+            x = syn_images[these_indices]
+            this_y = y_hat[these_indices]
+            if args.dsa and (not args.no_aug):
+                x = U.DiffAugment(x, args.dsa_strategy, param=args.dsa_param)
+            forward_params = student_params[-1]  # not args.distributed
+            x = student_net(x, flat_param=forward_params)
+            ce_loss = criterion(x, this_y)
+            grad = torch.autograd.grad(ce_loss, student_params[-1], create_graph=True)[0]
+            student_params.append(student_params[-1] - syn_lr * grad)
+        param_loss = torch.tensor(0.0).to(args.device)
+        param_dist = torch.tensor(0.0).to(args.device)
+        param_loss += torch.nn.functional.mse_loss(student_params[-1], target_params, reduction="sum")
+        param_dist += torch.nn.functional.mse_loss(starting_params, target_params, reduction="sum")
+        param_loss_list.append(param_loss)
+        param_dist_list.append(param_dist)
+        param_loss /= num_params
+        param_dist /= num_params
+        param_loss /= param_dist
+        grand_loss = param_loss
+        self.optimizer_img.zero_grad()
+        self.optimizer_lr.zero_grad()
+        grand_loss.backward()
+        self.optimizer_img.step()
+        self.optimizer_lr.step()
+        _ = {"Grand_Loss": grand_loss.detach().cpu(), "Start_Epoch": start_epoch}  # wandb.log(...)
+        for _ in student_params:
+            del _
+        return grand_loss.item()
+
+
+class RefTeacher:
+    """One teacher epoch of mtt-distillation's ``buffer.py``.
+
+    Set-up (untimed) as ``main()`` does it: ``TensorDataset`` of all training images on the CPU
+    (``images_all.to("cpu")``) + ``DataLoader(batch_train 256, shuffle)``, ``CrossEntropyLoss``,
+    ``args`` with its defaults (``lr_teacher`` 0.01, ``mom`` 0, ``l2`` 0, DSA
+    ``color_crop_cutout_flip_scale_rotate``, ``ParamDiffAug``). :meth:`epoch` is one teacher
+    reduced to one epoch: ``get_network`` + SGD (the set-up of a teacher, ``timestamps`` of its
+    initial parameters), then one pass of the ``for e in range(args.train_epochs)`` loop:
+    ``utils.epoch('train', ..., aug=True)`` and the ``timestamps`` append. The per-epoch test pass
+    (``epoch('test')`` over the 10,000 test images) is left out: ours tests once per teacher.
+    """
+
+    def __init__(self, R: types.SimpleNamespace, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> None:
+        U = R.utils
+        self.U = U
+        self.args = argparse.Namespace(
+            dataset="CIFAR10", model="ConvNet", device=str(device), dsa=True, dsa_strategy=DSA_STRATEGY,
+            dsa_param=U.ParamDiffAug(), lr_teacher=0.01, mom=0.0, l2=0.0, batch_train=256, decay=False,
+        )
+        self.criterion = torch.nn.CrossEntropyLoss().to(device)
+        dst_train = U.TensorDataset(images.detach().cpu(), labels.detach().cpu())
+        self.trainloader = torch.utils.data.DataLoader(dst_train, batch_size=self.args.batch_train, shuffle=True,
+                                                       num_workers=0)
+
+    def epoch(self) -> float:
+        U, args = self.U, self.args
+        teacher_net = U.get_network(args.model, SHAPE[0], NUM_CLASSES, SHAPE[1:]).to(args.device)  # get a random model
+        teacher_net.train()
+        lr = args.lr_teacher
+        teacher_optim = torch.optim.SGD(teacher_net.parameters(), lr=lr, momentum=args.mom, weight_decay=args.l2)
+        teacher_optim.zero_grad()
+        timestamps = [[p.detach().cpu() for p in teacher_net.parameters()]]
+        train_loss, train_acc = U.epoch("train", dataloader=self.trainloader, net=teacher_net, optimizer=teacher_optim,
+                                        criterion=self.criterion, args=args, aug=True)
+        timestamps.append([p.detach().cpu() for p in teacher_net.parameters()])
+        return float(train_loss)
+
+
 # ---------------------------------------------------------------------------------------- ours
 
 
@@ -775,6 +1058,42 @@ def idc_params(sizes: IDCSizes, args: argparse.Namespace | None):
     }.items()}})
 
 
+def mtt_params(sizes: MTTSizes):
+    """Our MTT settings = the reference run's (``MTT_ARGS``), every knob written out (``preset: none``).
+
+    ``grid`` lists NoE 1 only (its budget check would refuse IPC 1 at the default NoE 2 of a
+    reduced harness check). ``max_memory_gb`` is raised so that our pre-run memory estimate (a guard against runs that
+    cannot fit) never refuses the benchmark: peak memory is what the MTT rows measure.
+    """
+    a = MTT_ARGS
+    return load_params(None, {"distill.budget": sizes.ipc, "distill.net": "convnet3", "grid.noe": [1],
+                              "grid.mtt_noe": [1], **_no_preset("mtt"),
+                              **{f"experts.mtt.{k}": v for k, v in {
+        "syn_steps": sizes.syn_steps, "expert_epochs": a["expert_epochs"], "max_start_epoch": a["max_start_epoch"],
+        "lr_img": a["lr_img"], "lr_lr": a["lr_lr"], "lr_teacher": a["lr_teacher"], "momentum": 0.5,
+        "zca": a["zca"], "dsa_strategy": a["dsa_strategy"], "max_memory_gb": 1.0e6,
+    }.items()}})
+
+
+def our_mtt(inputs: MTTInputs, device: torch.device, sizes: MTTSizes):
+    """Our MTT method (NoE 1) on :class:`MTTInputs`; returns (method, syn).
+
+    Built as ``moedd.distill.optimise`` builds it (``build_method`` with the trajectories, then
+    ``setup``), except that ``syn`` is the shared :attr:`MTTInputs.images` instead of
+    ``init_images()`` (which draws other real images), so both sides start from the same images.
+    """
+    prep = inputs.prepared
+    traj = BenchTrajectories({
+        "noe": 1, "num_teachers": len(inputs.trajectories), "epochs": inputs.epochs, "space": "zca",
+        "net": "convnet3", "param_count": int(inputs.trajectories[0].shape[1]),
+    }, inputs.zca, inputs.trajectories)
+    part = make_partition(prep.train_labels, prep.num_classes, 1, seed=0, data_digest=prep.digest)
+    method = build_method("mtt", mtt_params(sizes), prep, part, device, trajectories=traj)
+    syn = inputs.images.unsqueeze(0).detach().clone().requires_grad_(True)
+    method.setup(syn)
+    return method, syn
+
+
 def bf16_available(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -831,11 +1150,13 @@ def bench_dm(data: Data, device: torch.device, U: types.ModuleType | None, reps:
 
 
 def _alternate(row: Row, ours: Callable[[], Any], ref: Callable[[], Any] | None, reps: int,
-               device: torch.device) -> None:
-    """Warm-up once each, then ``reps`` timed calls, ours and the reference alternating (seconds)."""
-    ours()
+               device: torch.device, warm_ours: Callable[[], Any] | None = None,
+               warm_ref: Callable[[], Any] | None = None) -> None:
+    """Warm-up once each (``warm_*`` when given, else the timed call itself), then ``reps`` timed
+    calls, ours and the reference alternating (seconds)."""
+    (warm_ours or ours)()
     if ref is not None:
-        ref()
+        (warm_ref or ref)()
     for r in range(reps):
         row.ours_samples.append(_timed(ours, device))
         if ref is not None:
@@ -911,6 +1232,130 @@ def bench_idc(data: Data, device: torch.device, R: types.SimpleNamespace | None,
     if not sizes.standard:
         row.note = f"reduced size ({sizes.describe()}): a harness check, not the standard setting"
     _alternate(row, ours_inner, ref.inner_step if ref is not None else None, reps, device)
+    return [row]
+
+
+def mtt_worker(side: str, device: torch.device, sizes: MTTSizes, reps: int, reference: str | None, out: str) -> int:
+    """Time one side of the MTT rows in THIS process (started by :func:`bench_mtt`) and write a JSON result.
+
+    Each side runs in its own process because peak memory is per process (``ru_maxrss``) or per
+    CUDA context (``max_memory_allocated``). Both sides build the same :class:`MTTInputs` first,
+    so their baselines match. Protocol: 1 untimed iteration, then ``reps`` timed ones.
+    """
+    warnings.filterwarnings("ignore", category=UserWarning)  # the reference's affine_grid/meshgrid warnings
+    inputs = mtt_inputs(sizes, device)
+    if side == "ours":
+        method, syn = our_mtt(inputs, device, sizes)
+        its = [0]
+
+        def step() -> float:
+            out_ = method.step(syn, its[0])
+            its[0] += 1
+            return float(out_["loss"])
+    else:
+        if reference is None:
+            raise SystemExit("--_mtt-worker ref needs --reference-mtt PATH")
+        ref = RefMTT(import_reference_mtt(reference), inputs, device, sizes)
+        step = ref.step
+    before = peak_memory_gb(device)
+    name = "ours" if side == "ours" else "reference"
+    log(f"  MTT {name} (own process {os.getpid()}): warm-up")
+    loss = step()
+    samples = []
+    for r in range(reps):
+        samples.append(_timed(step, device))
+        log(f"  MTT {name} rep {r + 1}/{reps}: {samples[-1]:.3f}s")
+    result = {"side": side, "samples": samples, "peak_gb": peak_memory_gb(device), "before_gb": before,
+              "first_loss": loss, "pid": os.getpid()}
+    Path(out).write_text(json.dumps(result))
+    return 0
+
+
+def _run_mtt_worker(side: str, device: torch.device, sizes: MTTSizes, reps: int,
+                    reference: str | None) -> tuple[dict[str, Any] | None, str]:
+    """Run :func:`mtt_worker` in a fresh interpreter (``bench.py --_mtt-worker SIDE``); (result or None, error)."""
+    with tempfile.TemporaryDirectory(prefix="moedd-bench-mtt-") as tmp:
+        out = Path(tmp) / f"{side}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_mtt-worker", side, "--device", device.type,
+               "--mtt-ipc", str(sizes.ipc), "--mtt-syn-steps", str(sizes.syn_steps), "--mtt-reps", str(reps),
+               "--_mtt-out", str(out)]
+        if reference is not None:
+            cmd += ["--reference-mtt", reference]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (progress) passes through
+        if proc.returncode != 0 or not out.exists():
+            why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit status {proc.returncode}"
+            return None, f"{'ours' if side == 'ours' else 'reference'} worker failed: {why}"
+        return json.loads(out.read_text()), ""
+
+
+def bench_mtt(device: torch.device, reference: str | None, reps: int, sizes: MTTSizes, goal: float,
+              mem_goal: float) -> list[Row]:
+    """MTT: seconds per iteration and peak memory, ``method.step(syn, it)`` (NoE 1) vs :class:`RefMTT` ``.step()``.
+
+    Each side runs in its own worker process (:func:`mtt_worker`), ours first, then the
+    reference; the repetitions cannot alternate across processes. The memory row is the peak
+    resident set of the whole worker (``ru_maxrss``: interpreter, torch, set-up and the unrolled
+    graph) on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA; lower is better, its
+    "speedup" is reference / ours.
+    """
+    reduced = "" if sizes.standard else f"reduced size ({sizes.describe()}): a harness check, not the standard setting"
+    t_row = Row("mtt", f"MTT iteration, CIFAR-10 IPC {sizes.ipc} (s)", "s", goal=goal if sizes.standard else None)
+    m_row = Row("mtt", "MTT peak memory (GiB)", "GiB", goal=mem_goal if sizes.standard else None)
+    notes, base = [reduced] if reduced else [], []
+    for side in MTT_WORKER_SIDES:
+        if side == "ref" and reference is None:
+            continue
+        log(f"MTT iteration, {'ours' if side == 'ours' else 'reference'}: starting a worker process")
+        res, err = _run_mtt_worker(side, device, sizes, reps, reference)
+        if res is None:
+            notes.append(err)
+            continue
+        samples, peak = res["samples"], res["peak_gb"]
+        base.append(f"{'ours' if side == 'ours' else 'reference'} {res['before_gb']:.2f} GiB")
+        if side == "ours":
+            t_row.ours_samples, t_row.ours, m_row.ours = samples, _median(samples), peak
+        else:
+            t_row.ref_samples, t_row.ref, m_row.ref = samples, _median(samples), peak
+    t_row.note = "; ".join(notes)
+    what = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (ru_maxrss) of the worker process"
+    m_row.note = "; ".join([*notes, f"{what}; before the first iteration: {', '.join(base) or '—'}"])
+    return [t_row, m_row]
+
+
+def bench_teacher(device: torch.device, R: types.SimpleNamespace | None, n_images: int, reps: int,
+                  goal: float) -> list[Row]:
+    """Teacher training: seconds per epoch on ``n_images`` random CIFAR-shaped images.
+
+    Ours: ``train_teacher(images, labels, 10, "convnet3", params.trajectories, epochs=1, seed)``
+    (a fresh teacher per repetition; defaults = ``buffer.py``'s: SGD lr 0.01, momentum 0, weight
+    decay 0, batch 256, per-sample DSA), images already normalised on the device. Reference:
+    :meth:`RefTeacher.epoch`. Warm-up: one such call per side on the first 512 images (a full
+    warm-up epoch would double the section's time); then ``reps`` timed epochs, alternating.
+    """
+    log(f"Teacher epoch ({n_images} images): building")
+    g = torch.Generator().manual_seed(3)
+    x_u8 = torch.randint(0, 256, (n_images, *SHAPE), generator=g, dtype=torch.uint8)
+    y = torch.arange(NUM_CLASSES).repeat(math.ceil(n_images / NUM_CLASSES))[:n_images]
+    x = normalize_test(x_u8, CIFAR_MEAN, CIFAR_STD, device)
+    yd = y.to(device)
+    cfg = load_params(None).trajectories
+    seed = [0]
+
+    def ours_on(xs: torch.Tensor, ys: torch.Tensor) -> Callable[[], Any]:
+        def run() -> Any:
+            seed[0] += 1
+            return train_teacher(xs, ys, NUM_CLASSES, "convnet3", cfg, epochs=1, seed=seed[0])
+        return run
+
+    ref = warm_ref = None
+    if R is not None:
+        ref = RefTeacher(R, x, y, device)
+        warm_ref = RefTeacher(R, x[:512], y[:512], device)
+    row = Row("teacher", f"Teacher epoch, {n_images} real img (s)", "s", goal=goal if n_images == 50_000 else None)
+    if n_images != 50_000:
+        row.note = f"{n_images} images instead of 50,000: a harness check, not the standard setting"
+    _alternate(row, ours_on(x, yd), ref.epoch if ref is not None else None, reps, device,
+               warm_ours=ours_on(x[:512], yd[:512]), warm_ref=warm_ref.epoch if warm_ref is not None else None)
     return [row]
 
 
@@ -1098,6 +1543,8 @@ def _fmt(v: float | None, unit: str) -> str:
         return "—"
     if unit == "s":
         return f"{v:.2f} s"
+    if unit == "GiB":
+        return f"{v:.2f} GiB"
     return f"{v:.3f} {unit}" if v < 10 else f"{v:.1f} {unit}"
 
 
@@ -1128,6 +1575,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference-idm", metavar="PATH", help="uitrbn/IDM checkout to compare the IDM row against")
     p.add_argument("--reference-idc", metavar="PATH",
                    help="snu-mllab/Efficient-Dataset-Condensation checkout to compare the IDC row against")
+    p.add_argument("--reference-mtt", metavar="PATH",
+                   help="GeorgeCazenavette/mtt-distillation checkout to compare the MTT and teacher rows against")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {', '.join(SECTIONS)}")
     p.add_argument("--nets", default=",".join(NETS), help="evaluation networks (default: all four)")
     p.add_argument("--dm-reps", type=int, help="timed DM iterations per row (default 5; quick 2)")
@@ -1137,7 +1586,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-reps", type=int, help="timed test passes per net (default 3; quick 1)")
     p.add_argument("--idm-reps", type=int, help="timed IDM iterations per side (default 5; quick 2)")
     p.add_argument("--idc-reps", type=int, help="timed IDC inner steps per side (default 5; quick 2)")
-    g = p.add_argument_group("reduced IDM/IDC sizes, for checking the harness (both sides alike; rows get no goal)")
+    p.add_argument("--mtt-reps", type=int, help="timed MTT iterations per side (default 5; quick 2)")
+    p.add_argument("--teacher-images", type=int, default=50_000,
+                   help="real images per teacher epoch (50000; fewer: a harness check, the row gets no goal)")
+    p.add_argument("--teacher-reps", type=int, help="timed teacher epochs per side (default 3; quick 1)")
+    g = p.add_argument_group("reduced IDM/IDC/MTT sizes, for checking the harness (both sides alike; rows get no goal)")
     g.add_argument("--idm-batch-real", type=int, default=IDMSizes.batch_real, help="real images per class (256)")
     g.add_argument("--idm-train-steps", type=int, default=IDMSizes.model_train_steps,
                    help="model_train_steps per trained queue net (10)")
@@ -1145,6 +1598,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--idc-batch-real", type=int, default=IDCSizes.batch_real,
                    help="real images per class for matching and per network-training batch (64)")
     g.add_argument("--idc-n-data", type=int, default=IDCSizes.n_data, help="real samples per network update (2000)")
+    g.add_argument("--mtt-ipc", type=int, default=MTTSizes.ipc, help="MTT images per class (10; batch_syn = all)")
+    g.add_argument("--mtt-syn-steps", type=int, default=MTTSizes.syn_steps, help="MTT unrolled student steps (30)")
+    p.add_argument("--_mtt-worker", choices=MTT_WORKER_SIDES, help=argparse.SUPPRESS)  # internal: one MTT side
+    p.add_argument("--_mtt-out", help=argparse.SUPPRESS)  # internal: where that worker writes its JSON
     p.add_argument("--no-noe2", action="store_true", help="skip the NoE=2 DM row")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 DM row")
     p.add_argument("--profile", action="store_true", help="also profile one DM step of ours and of the reference (torch.profiler top ops)")
@@ -1161,6 +1618,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         raise SystemExit(str(err)) from None
     cuda = device.type == "cuda"
+    mtt_sizes = MTTSizes(a.mtt_ipc, a.mtt_syn_steps)
+    mtt_reps = a.mtt_reps or (2 if a.quick else 5)
+    if a._mtt_worker:  # a child of bench_mtt: one side of the MTT rows, in its own process
+        return mtt_worker(a._mtt_worker, device, mtt_sizes, mtt_reps, a.reference_mtt, a._mtt_out)
     sections = {s.strip() for s in a.only.split(",") if s.strip()}
     unknown = sections - set(SECTIONS)
     if unknown:
@@ -1175,6 +1636,10 @@ def main(argv: list[str] | None = None) -> int:
     test_reps = a.test_reps or (1 if a.quick else 3)
     idm_reps = a.idm_reps or (2 if a.quick else 5)
     idc_reps = a.idc_reps or (2 if a.quick else 5)
+    teacher_reps = a.teacher_reps or (1 if a.quick else 3)
+    teacher_images = a.teacher_images
+    if teacher_images < 1 or mtt_sizes.ipc < 1 or mtt_sizes.syn_steps < 1:
+        raise SystemExit("--teacher-images, --mtt-ipc and --mtt-syn-steps must be >= 1")
     idm_sizes = IDMSizes(a.idm_batch_real, a.idm_train_steps, a.idm_trained_bs)
     idc_sizes = IDCSizes(a.idc_batch_real, a.idc_n_data)
     with_bf16 = not a.no_bf16 and not a.quick and bf16_available(device)
@@ -1183,6 +1648,9 @@ def main(argv: list[str] | None = None) -> int:
     U = import_reference(a.reference_dc) if a.reference_dc else None
     D_idm = import_reference_idm(a.reference_idm) if a.reference_idm and "idm" in sections else None
     R_idc = import_reference_idc(a.reference_idc, device) if a.reference_idc and "idc" in sections else None
+    R_mtt = None
+    if a.reference_mtt and sections & {"mtt", "teacher"}:
+        R_mtt = import_reference_mtt(a.reference_mtt)  # checks the checkout; the MTT workers import it again
     info = machine_info(device)
     alloc = allocator_info()
     header = (f"machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads)"
@@ -1192,17 +1660,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"allocator: {alloc}", flush=True)
     for flag, path, mod, secs in (("--reference-dc", a.reference_dc, U, {"dm", "train", "test"}),
                                   ("--reference-idm", a.reference_idm, D_idm, {"idm"}),
-                                  ("--reference-idc", a.reference_idc, R_idc, {"idc"})):
+                                  ("--reference-idc", a.reference_idc, R_idc, {"idc"}),
+                                  ("--reference-mtt", a.reference_mtt, R_mtt, {"mtt", "teacher"})):
         if not sections & secs:
             continue
+        where = "imported in worker processes (mtt) and in this process (teacher)" if flag == "--reference-mtt" \
+            else "imported in this process"
         if mod is None:
             print(f"reference {'/'.join(sorted(secs))}: not given ({flag} PATH); only our numbers", flush=True)
         else:
             print(f"reference {'/'.join(sorted(secs))}: {Path(path).resolve()} {_checkout_commit(path)}"
-                  "(imported in this process)", flush=True)
+                  f"({where})", flush=True)
 
     t_start = time.perf_counter()
-    data = make_data(device, with_reference=(U is not None and "dm" in sections) or D_idm is not None)
+    data: Data | None = None  # the 50,000 + 10,000 random images: only the sections that read them build them
+    if sections & {"dm", "test", "idm", "idc"}:
+        data = make_data(device, with_reference=(U is not None and "dm" in sections) or D_idm is not None)
     rows: list[Row] = []
     warnings.filterwarnings("ignore", category=UserWarning)  # the reference's affine_grid/meshgrid warnings
     if "dm" in sections:
@@ -1215,6 +1688,11 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_idm(data, device, D_idm, idm_reps, idm_sizes, goal=1.3)
     if "idc" in sections:
         rows += bench_idc(data, device, R_idc, idc_reps, idc_sizes, goal=1.3)
+    if "mtt" in sections:
+        rows += bench_mtt(device, a.reference_mtt if R_mtt is not None else None, mtt_reps, mtt_sizes, goal=1.3,
+                          mem_goal=1.0)
+    if "teacher" in sections:
+        rows += bench_teacher(device, R_mtt, teacher_images, teacher_reps, goal=1.0)
     total = time.perf_counter() - t_start
 
     print()
@@ -1239,7 +1717,16 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"IDC: median of {idc_reps} inner steps after 1 warm-up, alternating; NoE 1, IPC 10, factor 2, "
                      f"{idc_sizes.describe()}, batch_syn_max 128, CutMix p 0.5, metric mse; ours match_phase + "
                      "train_net, reference condense.py's inner-loop body (per-class matchloss + train_epoch).")
-    notes += [f"{r.what}: {r.note}" for r in rows if r.note and r.section in ("idm", "idc")]
+    if "mtt" in sections:
+        notes.append(f"MTT: median of {mtt_reps} iterations after 1 warm-up, each side in its own process (ours, then "
+                     f"the reference); NoE 1, {mtt_sizes.describe()}, expert_epochs 2, ZCA space, DSA {DSA_STRATEGY}, "
+                     "ConvNet-3 (instance norm); ours method.step, reference distill.py's loop body. Memory row: "
+                     "lower is better, speedup = reference / ours.")
+    if "teacher" in sections:
+        notes.append(f"teacher: median of {teacher_reps} epochs over {teacher_images} images after a 512-image warm-up, "
+                     "alternating; ours train_teacher(epochs=1), reference buffer.py's teacher set-up + "
+                     "epoch('train') (no per-epoch test pass); SGD 0.01, momentum 0, batch 256, DSA.")
+    notes += [f"{r.what}: {r.note}" for r in rows if r.note and r.section in ("idm", "idc", "mtt", "teacher")]
     unsteady = [f"{r.what} ({side} {max(xs) / min(xs):.1f}x)" for r in rows
                 for side, xs in (("ours", r.ours_samples), ("ref", r.ref_samples))
                 if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) > 1.5]
@@ -1249,18 +1736,19 @@ def main(argv: list[str] | None = None) -> int:
     notes.append(f"Total {total:.0f} s.")
     print("\n".join(notes))
     if a.profile:
-        if not data.indices_class and U is not None:
+        if data is None or (not data.indices_class and U is not None):
             data = make_data(device, with_reference=True)
         print("\nprofile of one DM step:")
         print(profile_dm(data, device, U))
     if a.json:
         out = {
             "machine": info, "allocator": alloc, "reference": a.reference_dc, "reference_idm": a.reference_idm,
-            "reference_idc": a.reference_idc, "argv": sys.argv,
+            "reference_idc": a.reference_idc, "reference_mtt": a.reference_mtt, "argv": sys.argv,
             "settings": {"dm_reps": dm_reps, "train_epochs": train_epochs, "test_images": test_images,
                          "test_reps": test_reps, "quick": a.quick, "sections": sorted(sections),
                          "idm_reps": idm_reps, "idc_reps": idc_reps, "idm_sizes": asdict(idm_sizes),
-                         "idc_sizes": asdict(idc_sizes)},
+                         "idc_sizes": asdict(idc_sizes), "mtt_reps": mtt_reps, "mtt_sizes": asdict(mtt_sizes),
+                         "teacher_images": teacher_images, "teacher_reps": teacher_reps},
             "seconds_total": total,
             "rows": [{**asdict(r), "speedup": r.speedup, "met": r.met} for r in rows],
         }
