@@ -34,6 +34,8 @@ import yaml
 from moedd.config import MlflowConfig, Params, flatten
 
 PIPELINE_TAG = "moedd.pipeline"
+ROLE_TAG = "moedd.role"
+"""'pipeline' on the one parent run of a pipeline run (its stage runs share its pipeline tag)."""
 
 
 def project_root() -> Path:
@@ -124,13 +126,15 @@ def parent_run_id(params: Params) -> str:
     key = pipeline_key(params)
     exp_id = init_tracking(params.mlflow)
     with _locked(tracking_uri(params.mlflow)):
+        # stage runs carry the pipeline tag too (to filter a pipeline's runs); only the parent has the role tag
         found = mlflow.search_runs(
-            experiment_ids=[exp_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", output_format="list", max_results=1
+            experiment_ids=[exp_id], output_format="list", max_results=1,
+            filter_string=f"tags.`{PIPELINE_TAG}` = '{key}' AND tags.`{ROLE_TAG}` = 'pipeline'",
         )
         if found:
             return found[0].info.run_id
         tags = {k: v for k, v in lineage_tags().items() if k != "dvc.stage"}  # a parent spans all stages
-        with mlflow.start_run(run_name=key, tags={PIPELINE_TAG: key, **tags}) as run:
+        with mlflow.start_run(run_name=key, tags={PIPELINE_TAG: key, ROLE_TAG: "pipeline", **tags}) as run:
             mlflow.log_params(flatten(params))
         return run.info.run_id
 

@@ -33,9 +33,12 @@ def repo(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"] = {"source": "imagefolder", "root": str(tiny_folder), "download": False}
-    params["grid"] = {"experts": ["dm"], "noe": [2, 1]}
+    params["grid"] = {"experts": ["dm"], "noe": [2, 1], "mtt_noe": [2]}
     params["distill"].update({"budget": 4, "log_every": 1, "checkpoint_every": 2})
     params["experts"]["dm"].update({"iterations": 2, "batch_real": 8})
+    # MTT at toy size; ZCA off here (its 3072x3072 fit is tested on small images in test_mtt.py)
+    params["experts"]["mtt"].update({"iterations": 2, "syn_steps": 2, "max_start_epoch": 1, "expert_epochs": 1, "zca": False})
+    params["trajectories"].update({"num_teachers": 1, "batch_size": 16, "test_batch_size": 64})
     params["evaluate"].update({"nets": ["convnet3"], "seeds": [0], "epochs": 2, "test_batch_size": 64})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("/mlflow.db\n/mlflow.db.lock\n/mlartifacts/\n/.moedd/\n/storage/\n")
@@ -67,12 +70,19 @@ def test_repro_produces_every_stage_output(repo) -> None:
     assert (root / "data/synthetic/dm-noe2/expert-1.pt").exists()
     table = (root / "reports/table.md").read_text()
     assert "| DM | ConvNet-3 |" in table and "b4 2x2" in table and "b4 4x1" in table
+    # MTT: teachers of both shards (2 epochs = max_start_epoch + expert_epochs), its set, its evaluation
+    assert (root / "data/trajectories/noe2/meta.json").exists()
+    assert (root / "data/trajectories/noe2/shard1/teacher000.pt").exists()
+    assert (root / "data/synthetic/mtt-noe2/expert-1.json").exists()
+    assert (root / "metrics/evaluate/mtt-noe2.json").exists()
+    assert "| MTT | ConvNet-3 |" in table
 
 
 def test_second_repro_is_a_no_op(repo) -> None:
     root, env = repo
     out = _run(["dvc", "repro"], root, env)
     assert "Running stage" not in out
+    assert "'trajectories@2' didn't change" in out  # teachers are cached, never retrained
     assert "up to date" in _run(["dvc", "status"], root, env)
 
 
@@ -83,6 +93,10 @@ def test_mlflow_holds_the_runs_with_dvc_lineage(repo) -> None:
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1, [r.info.run_name for r in parents]
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    stages = [r for r in runs if "stage" in r.data.tags and "mlflow.parentRunId" in r.data.tags
+              and r.info.run_name.split()[0] in ("trajectories", "distill", "evaluate")]
+    assert len(stages) >= 6 and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in stages), \
+        [(r.info.run_name, r.data.tags["mlflow.parentRunId"][:8]) for r in stages]  # every stage under the ONE parent
     distill = by_name["distill dm 2x2"]
     assert distill.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert distill.data.tags["dvc.stage"] == "distill@dm-2"
