@@ -53,11 +53,11 @@ from moedd.moe import expert_dcor_loss
 # generator streams of one iteration (DistillContext.seed_for(it, stream)); all < 97 and distinct
 _STREAM_DSA, _STREAM_PICK, _STREAM_ORDER, _STREAM_DCOR_NET = 2, 3, 4, 5
 
-_BYTES_PER_ACTIVATION = 20
+_BYTES_PER_ACTIVATION = 12
 """Bytes kept per conv/norm/pool output element and unrolled step (float32 activations plus what
-the double backward keeps). Measured on CPU: 8.6 GiB peak RSS for 20 steps x 50 CIFAR images
-(~7 MB per image-step, ~1.5 GiB of it data and libraries; docs/results.md). The reference keeps
-~4.3 MB per image-step (13 GiB at 30 x 100): this estimate errs on the safe side for both."""
+the double backward keeps). Measured on CPU with benchmarks/bench.py (15 steps x 100 CIFAR images,
+each side in its own process): ours 7.88 GiB peak RSS, the reference 7.50 GiB, 1.24 GiB of each
+before the first iteration, i.e. ~4.4 MB per image-step = ~11.4 bytes per element here."""
 
 
 def activation_elements(net: nn.Module, image_shape: tuple[int, ...]) -> int:
