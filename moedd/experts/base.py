@@ -99,12 +99,17 @@ class DistillContext:
         Returns:
             images (C·n, ch, H, W) and n.
         """
+        pick = self.sample_indices(k, per_class, gen)
+        return self.normalize(self.shard_images[k][pick.flatten()]), pick.shape[1]
+
+    def sample_indices(self, k: int, per_class: int, gen: torch.Generator) -> Tensor:
+        """(C, n) shard-local indices of distinct random images of every class of shard k,
+        ``n = min(per_class, smallest class of the shard)``."""
         table = self.class_tables[k]
         valid = table >= 0
         n = min(per_class, int(valid.sum(1).min()))
         keys = torch.rand(table.shape, generator=gen, device=table.device).masked_fill_(~valid, 2.0)
-        pick = torch.gather(table, 1, keys.argsort(1)[:, :n])
-        return self.normalize(self.shard_images[k][pick.flatten()]), n
+        return torch.gather(table, 1, keys.argsort(1)[:, :n])
 
     def labels(self) -> Tensor:
         """The fixed, class-major labels of one expert's synthetic images."""

@@ -189,14 +189,8 @@ class MatchingTrainingTrajectories(ExpertMethod):
     def init_images(self) -> Tensor:
         """Real images of each expert's own shard (MTT's ``pix_init real``), class-major."""
         ctx, gen = self.ctx, self.ctx.generator(it=-1)
-        out = []
-        for k in range(ctx.noe):
-            table = ctx.class_tables[k]
-            valid = table >= 0
-            keys = torch.rand(table.shape, generator=gen, device=table.device).masked_fill_(~valid, 2.0)
-            pick = torch.gather(table, 1, keys.argsort(1)[:, :ctx.ipc])
-            out.append(self.to_input(ctx.shard_images[k][pick.flatten()]))
-        return torch.stack(out)
+        picks = [ctx.sample_indices(k, ctx.ipc, gen).flatten() for k in range(ctx.noe)]
+        return torch.stack([self.to_input(ctx.shard_images[k][p]) for k, p in enumerate(picks)])
 
     def setup(self, syn: Tensor) -> None:
         self.opt_img = torch.optim.SGD([syn], lr=self.cfg.lr_img, momentum=self.cfg.momentum)
