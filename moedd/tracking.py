@@ -97,8 +97,9 @@ def _git(*args: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the repository in the CWD ('' outside git)."""
-    return _git("rev-parse", "HEAD")
+    """HEAD of the repository in the CWD; outside git (a copied tree, a container),
+    ``$MOEDD_GIT_COMMIT`` when set, else ''."""
+    return _git("rev-parse", "HEAD") or os.environ.get("MOEDD_GIT_COMMIT", "")
 
 
 def lineage_tags() -> dict[str, str]:
