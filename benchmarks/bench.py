@@ -1685,11 +1685,11 @@ def main(argv: list[str] | None = None) -> int:
     if "test" in sections:
         rows += bench_test(data, device, U, nets, test_images, test_reps, goal=1.5)
     if "idm" in sections:
-        rows += bench_idm(data, device, D_idm, idm_reps, idm_sizes, goal=1.3)
+        rows += bench_idm(data, device, D_idm, idm_reps, idm_sizes, goal=2.0 if cuda else 1.3)  # issue 3: 1.3x on the CPU, 2x on a GPU
     if "idc" in sections:
-        rows += bench_idc(data, device, R_idc, idc_reps, idc_sizes, goal=1.3)
+        rows += bench_idc(data, device, R_idc, idc_reps, idc_sizes, goal=2.0 if cuda else 1.3)
     if "mtt" in sections:
-        rows += bench_mtt(device, a.reference_mtt if R_mtt is not None else None, mtt_reps, mtt_sizes, goal=1.3,
+        rows += bench_mtt(device, a.reference_mtt if R_mtt is not None else None, mtt_reps, mtt_sizes, goal=2.0 if cuda else 1.3,
                           mem_goal=1.0)
     if "teacher" in sections:
         rows += bench_teacher(device, R_mtt, teacher_images, teacher_reps, goal=1.0)

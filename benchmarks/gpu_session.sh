@@ -115,7 +115,7 @@ distill_eval() {
 }
 cross_eval() {  # cross_eval NAME: VGG11, ResNet18, AlexNet x seeds 0,1,2 on an existing set
   [[ -d data/synthetic/$1 ]] && step "xeval-$1" 60 150 moedd evaluate --synthetic "data/synthetic/$1" \
-    --nets vgg11,resnet18,alexnet --seeds 0,1,2 --metrics "metrics/evaluate/$1-xarch.json" "${S[@]}"
+    --nets vgg11,resnet18,alexnet --seeds "${XSEEDS:-0,1,2}" --metrics "metrics/evaluate/$1-xarch.json" "${S[@]}"
 }
 
 # ---- phases (PHASES="bench rows more xarch" by default; a later session can run a subset) -----
