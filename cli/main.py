@@ -341,7 +341,13 @@ def _run_distill(
                     if ms:
                         client.log_batch(cid, metrics=ms)
 
-            result = run_distillation(expert, params, prep, part, device, checkpoint_dir, on_log, git_commit(), traj)
+            try:
+                result = run_distillation(expert, params, prep, part, device, checkpoint_dir, on_log, git_commit(), traj)
+            except BaseException as err:  # interrupted or failed: the expert runs must not stay RUNNING
+                status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+                for cid in child_ids:
+                    client.set_terminated(cid, status)
+                raise
         written = save_synthetic(target, list(result.images), [result.labels] * noe, result.metas, result.zca)
         for k, cid in enumerate(child_ids):
             grid = expert_grid(result.images[k], result.metas[k], zca=result.zca)

@@ -104,3 +104,40 @@ def test_user_errors_are_one_line_and_exit_1(
 def test_list_shows_registries() -> None:
     out = _ok(["list"]).output
     assert "dm" in out and "resnet18" in out and "imagefolder" in out
+
+
+def test_interrupted_distill_closes_its_mlflow_runs(tiny_folder: Path, tmp_path: Path, mlflow_uri: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (SIGINT) in the middle of `moedd distill`: the stage run and the per-expert runs end
+    KILLED/FAILED instead of staying RUNNING in the MLflow UI, and a checkpoint is left to resume from."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    _params_file(tmp_path, tiny_folder, mlflow_uri)
+    _ok(["prepare", "--out", "data/prepared"])
+    moedd = Path(sys.executable).with_name("moedd")
+    cmd = [str(moedd), "distill", "--expert", "dm", "--noe", "2", "-S", "experts.dm.iterations=100000",
+           "-S", "distill.checkpoint_every=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(Path(".moedd/checkpoints").rglob("*.pt")):
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, out
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["moedd"], output_format="list")
+    stage = next(r for r in runs if r.info.run_name == "distill dm 2x2")
+    experts = [r for r in runs if r.info.run_name.startswith("expert ")]
+    assert len(experts) == 2
+    assert stage.info.status in {"KILLED", "FAILED"}
+    assert {r.info.status for r in experts} == {"KILLED"}, out
+    assert list(Path(".moedd/checkpoints").rglob("*.pt"))  # the work done so far is kept
