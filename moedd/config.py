@@ -189,6 +189,9 @@ class IDCExpertConfig(_Section):
     match_dsa_strategy: str = "color_crop_cutout"
     net_dsa_strategy: str = "color_crop"
     metric: Literal["mse", "l1", "cos"] = "mse"
+    class_chunk: int | None = Field(None, ge=1)
+    """Classes whose gradients are matched in one grouped pass (None = all); lower it when memory
+    is short (the pass holds NoE x classes x (batch_real + decoded images) activations)."""
 
 
 class MTTExpertConfig(_Section):

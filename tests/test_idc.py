@@ -16,7 +16,9 @@ from moedd.data import make_partition
 from moedd.distill import build_method, run_distillation
 from moedd.evaluate import decode_quadrants
 from moedd.experts import EXPERTS
-from moedd.experts.idc import IDC, conv_weights, cutmix, decode, gradient_distance
+from moedd.experts.idc import IDC, conv_weights, cutmix, decode, gradient_distance, grouped_gradient_distance
+from moedd.nets import create_net
+from moedd.nets.grouped import GroupedConvNet
 
 CPU = torch.device("cpu")
 TINY = {"distill.budget": 2, "experts.idc.iterations": 1, "experts.idc.inner_loop": 2,
@@ -188,7 +190,7 @@ def test_lr_img_scales_with_ipc(tiny_prepared) -> None:
     fixed, _ = _method(tiny_prepared, **{"experts.idc.lr_img": 0.3})
     syn = fixed.init_images().requires_grad_(True)
     fixed.setup(syn)
-    assert fixed.opt.param_groups[0]["lr"] == 0.3
+    assert fixed.opt.lr == 0.3
 
 
 def test_resume_equals_uninterrupted(tiny_prepared, tmp_path: Path) -> None:
@@ -215,3 +217,68 @@ def test_step_logs_the_matching_loss_of_every_class(tiny_prepared) -> None:
     assert (per_class > 0).all()
     assert torch.isclose(per_class.sum(), out["match"], rtol=1e-5)
     assert torch.isclose(out["match_e0"] + out["match_e1"], out["match"], rtol=1e-5)
+
+
+def test_grouped_pass_equals_one_pass_per_group() -> None:
+    """G grouped copies give each group's logits, features, conv-weight gradients and the double
+    backward through them exactly as G separate passes of the network do."""
+    torch.manual_seed(0)
+    net = create_net("convnet3", 3, channels=3, image_size=16)
+    assert GroupedConvNet.supports(net) and not GroupedConvNet.supports(create_net("convnet3_bn", 3, image_size=16))
+    grouped = GroupedConvNet(net)
+    groups, n = 4, 5
+    x = torch.randn(groups, n, 3, 16, 16, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 1])
+    w = grouped.replicate(groups)
+    logits, feats = grouped.forward(x, w)
+    g_grouped = torch.autograd.grad(grouped.group_losses(logits, labels).sum(), w, create_graph=True)
+    second = torch.autograd.grad(sum(t.pow(2).sum() for t in g_grouped), x)[0]
+    for g in range(groups):
+        xg = x[g].detach().requires_grad_(True)
+        out = net(xg)
+        torch.testing.assert_close(logits[g], out, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(feats[g], net.embed(xg), rtol=1e-4, atol=1e-5)
+        ref = torch.autograd.grad(F.cross_entropy(out, labels[g].expand(n)), conv_weights(net), create_graph=True)
+        for a, b in zip(g_grouped, ref, strict=True):
+            torch.testing.assert_close(a.view(groups, *b.shape)[g], b, rtol=1e-4, atol=1e-6)
+        ref_second = torch.autograd.grad(sum(t.pow(2).sum() for t in ref), xg)[0]
+        torch.testing.assert_close(second[g], ref_second, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("metric", ["mse", "l1", "cos"])
+def test_grouped_gradient_distance_is_per_group(metric: str) -> None:
+    torch.manual_seed(1)
+    shapes = [(6, 3, 3, 3), (6, 6, 3, 3)]
+    real = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    syn = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    batched = grouped_gradient_distance([torch.cat([r[i] for r in real]) for i in range(2)],
+                                        [torch.cat([s[i] for s in syn]) for i in range(2)], 3, metric)
+    expected = torch.stack([gradient_distance(r, s, metric) for r, s in zip(real, syn, strict=True)])
+    torch.testing.assert_close(batched, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("net", "chunk"), [("convnet3", None), ("convnet3", 2), ("convnet3_bn", None)])
+def test_matching_phase_equals_idc_per_class_steps(tiny_prepared, net: str, chunk: int | None) -> None:
+    """The batched phase (closed-form momentum steps, grouped or per-class passes) ends where IDC's
+    loop ends: for c, loss of class c at the current images, SGD(momentum) step on the one tensor."""
+    m, _ = _method(tiny_prepared, **{"distill.net": net, "experts.idc.class_chunk": chunk, "distill.budget": 4,
+                                     "experts.idc.lr_img": 0.05, "distill.dcor_weight": 0.5})
+    m.match_aug = lambda x, unit, n, gen: x  # type: ignore[assignment]  # no augmentation: same batches
+    syn = m.init_images().requires_grad_(True)
+    m.setup(syn)
+    ref = syn.detach().clone().requires_grad_(True)
+    opt = torch.optim.SGD([ref], lr=m.lr_img, momentum=m.cfg.momentum)
+    netw = m.fresh_net(0)
+    for phase in range(2):  # the momentum carries over between phases
+        per_class, _ = m.match_phase(netw, syn, m.ctx.generator(phase, 2))
+        gen = m.ctx.generator(phase, 2)
+        n = min(m.cfg.batch_real, *m.min_count)
+        draws = [m.class_draw(k, n, gen) for k in range(m.ctx.noe)]
+        for c in range(m.ctx.num_classes):
+            total, per_expert, _ = m.match_class(netw, ref, c, [d[c] for d in draws], gen)
+            torch.testing.assert_close(per_class[c], per_expert.detach(), rtol=1e-4, atol=1e-6)
+            opt.zero_grad()
+            total.backward(inputs=[ref])
+            opt.step()
+        torch.testing.assert_close(syn.detach(), ref.detach(), rtol=1e-3, atol=1e-4)  # float rounding of two orders
+    assert not torch.equal(syn.detach(), m.init_images())  # the images did move

@@ -77,9 +77,17 @@ Deviations, each on purpose:
   training accuracy (vs. the unmixed label) over all network steps of the outer iteration.
 * The final images are not clamped after the last update (as IDC's saved ``data.pt``).
 
-Batching: per-class image steps are kept (not one joint step over classes). With a fixed network
-the class losses are independent, but momentum on the single image tensor makes C sequential
-steps differ from one joint step, so the sequential form is the faithful one.
+Batching: IDC's C per-class image steps (momentum on the one image tensor moves every class at
+each step) are applied exactly in closed form (:class:`~moedd.experts.class_sgd.ClassSequentialSGD`,
+as IDM): every class's loss is taken at the point where the sequential loop would take it, so the
+C class losses can be computed in ONE pass. That pass runs the network as C (× NoE) grouped copies
+(:class:`~moedd.nets.grouped.GroupedConvNet`): one forward/backward for all classes' real
+gradients, one double backward for all synthetic ones, instead of C of each -- fewer, larger
+kernels (the per-class loop is launch-bound on a GPU). ``class_chunk`` bounds the classes per pass
+(memory); networks that are not instance-norm ConvNets fall back to one class per pass. The real
+batch is min(batch_real, smallest class over all shards) for every expert (equal group sizes), and
+the siamese augmentation draws one parameter set per class for the pass (same distribution as
+one draw per class-step; a different order of draws than before commit 'IDC batched').
 """
 
 from __future__ import annotations
@@ -97,7 +105,9 @@ from moedd.augment import DSA, DSAParams
 from moedd.config import IDCExpertConfig
 from moedd.device import memory_format_for
 from moedd.experts.base import DistillContext, ExpertMethod, frozen_random_net, register_expert
+from moedd.experts.class_sgd import ClassSequentialSGD
 from moedd.moe import expert_dcor_loss
+from moedd.nets.grouped import GroupedConvNet
 
 _GEOMETRIC = ("crop", "scale", "rotate")
 
@@ -125,6 +135,26 @@ def gradient_distance(g_real: Sequence[Tensor], g_syn: Sequence[Tensor], metric:
         else:
             raise ValueError(f"unknown gradient-matching metric {metric!r} (mse, l1, cos)")
     return torch.stack(terms).sum()
+
+
+def grouped_gradient_distance(g_real: Sequence[Tensor], g_syn: Sequence[Tensor], groups: int,
+                              metric: str = "mse") -> Tensor:
+    """:func:`gradient_distance` of G groups at once: tensors (G·out, …) -> distances (G,)."""
+    total = None
+    for a, b in zip(g_real, g_syn, strict=True):
+        if metric == "mse":
+            t = (a - b).pow(2).reshape(groups, -1).sum(1)
+        elif metric == "l1":
+            t = (a - b).abs().reshape(groups, -1).sum(1)
+        elif metric == "cos":
+            a2, b2 = a.flatten(1), b.flatten(1)
+            cos = (a2 * b2).sum(-1) / (a2.norm(dim=-1) * b2.norm(dim=-1) + 1e-6)
+            t = (1 - cos).view(groups, -1).sum(1)
+        else:
+            raise ValueError(f"unknown gradient-matching metric {metric!r} (mse, l1, cos)")
+        total = t if total is None else total + t
+    assert total is not None
+    return total
 
 
 def decode(images: Tensor, factor: int) -> Tensor:
@@ -283,7 +313,7 @@ class IDC(ExpertMethod):
         return torch.stack(out)
 
     def setup(self, syn: Tensor) -> None:
-        self.opt = torch.optim.SGD([syn], lr=self.lr_img, momentum=self.cfg.momentum)
+        self.opt = ClassSequentialSGD(syn, self.ctx.num_classes, self.ctx.ipc, self.lr_img, self.cfg.momentum)
 
     def fresh_net(self, it: int) -> nn.Module:
         """The network of outer iteration ``it``: seeded init (stream 1), trainable."""
@@ -342,24 +372,80 @@ class IDC(ExpertMethod):
             total = total + ctx.dcor_weight * dcor
         return total, per_expert.detach(), dcor.detach()
 
-    def match_phase(self, net: nn.Module, syn: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        """One matching phase: for every class, its loss and one image step (IDC's order).
+    def match_classes(self, grouped: GroupedConvNet, syn: Tensor, classes: Sequence[int], draws: Sequence[Tensor],
+                      gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """The differentiable loss of several classes for all experts, in one grouped pass.
+
+        Args:
+            grouped: the current network as grouped copies.
+            syn: (NoE, C·IPC, ch, H, W) stored images in [0, 1] (the look-ahead point).
+            classes: the classes of this pass.
+            draws: per expert, (C, n) shard-local indices of its real batches.
+            gen: device RNG (syn sub-sample, augmentation).
 
         Returns:
-            matching losses per class and expert (C, NoE) and dCor summed over classes (detached,
-            each evaluated before its class's step).
+            total = Σ_c Σ_k L_c,k + λ·Σ_c dCor_c, the losses (len(classes), NoE) and Σ_c dCor_c
+            (both detached).
         """
-        ctx = self.ctx
-        draws = [self.class_draw(k, min(self.cfg.batch_real, self.min_count[k]), gen) for k in range(ctx.noe)]
+        ctx, cfg = self.ctx, self.cfg
+        dev, ipc, noe, cc, shape = ctx.device, ctx.ipc, ctx.noe, len(classes), ctx.image_shape
+        n = draws[0].shape[1]
+        real_x = torch.cat([ctx.normalize(ctx.shard_images[k][d[list(classes)].flatten()]) for k, d in enumerate(draws)])
+        dec = torch.stack([decode(syn[:, c * ipc:(c + 1) * ipc], cfg.factor) for c in classes], 1)  # (NoE, cc, m, …)
+        m = dec.shape[2]
+        if m > cfg.batch_syn_max:  # one sub-sample per class for all experts: rows stay paired for dCor
+            keep = [torch.randperm(m, generator=gen, device=dev)[: cfg.batch_syn_max] for _ in classes]
+            dec, m = torch.stack([dec[:, j].index_select(1, keep[j]) for j in range(cc)], 1), cfg.batch_syn_max
+        syn_x = self.normalize(dec.flatten(0, 2))
+        units = torch.arange(cc, device=dev)
+        state = gen.get_state()  # siamese: replay the draws so real and syn of a class share them
+        with torch.no_grad():
+            real_x = self.match_aug(real_x, units.repeat_interleave(n).repeat(noe), cc, gen)
+        gen.set_state(state)
+        syn_x = self.match_aug(syn_x, units.repeat_interleave(m).repeat(noe), cc, gen)
+        groups = noe * cc  # group k·cc + j: expert k, class classes[j]
+        labels = torch.tensor(list(classes), device=dev).repeat(noe)
+        weights = grouped.replicate(groups)
+        logits, _ = grouped.forward(real_x.view(groups, n, *shape), weights)
+        g_real = torch.autograd.grad(grouped.group_losses(logits, labels).sum(), weights)
+        logits, feats = grouped.forward(syn_x.view(groups, m, *shape), weights)
+        g_syn = torch.autograd.grad(grouped.group_losses(logits, labels).sum(), weights, create_graph=True)
+        dist = grouped_gradient_distance(g_real, g_syn, groups, cfg.metric).view(noe, cc)
+        total = dist.sum()
+        dcor = total.new_zeros(())
+        if ctx.dcor_weight > 0 and noe > 1:
+            dcor = expert_dcor_loss(feats.view(noe, cc, m, -1))
+            total = total + ctx.dcor_weight * dcor
+        return total, dist.detach().t(), dcor.detach()
+
+    def match_phase(self, net: nn.Module, syn: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One matching phase: every class's loss and its image step, IDC's C sequential steps
+        applied in closed form (the losses are taken where the sequential loop takes them).
+
+        Returns:
+            matching losses per class and expert (C, NoE) and dCor summed over classes (detached).
+        """
+        ctx, cfg = self.ctx, self.cfg
+        n = min(cfg.batch_real, *self.min_count)
+        draws = [self.class_draw(k, n, gen) for k in range(ctx.noe)]
+        x = self.opt.lookahead().requires_grad_(True)
+        grouped = GroupedConvNet(net) if GroupedConvNet.supports(net) else None
+        chunk = (cfg.class_chunk or ctx.num_classes) if grouped is not None else 1
+        grad = torch.zeros_like(x)
         per_class = torch.zeros(ctx.num_classes, ctx.noe, device=ctx.device)
         dcor = torch.zeros((), device=ctx.device)
-        for c in range(ctx.num_classes):
-            total, pe, dc = self.match_class(net, syn, c, [d[c] for d in draws], gen)
-            self.opt.zero_grad(set_to_none=True)
-            total.backward(inputs=[syn])
-            self.opt.step()
-            per_class[c] = pe
+        for c0 in range(0, ctx.num_classes, chunk):
+            classes = list(range(c0, min(ctx.num_classes, c0 + chunk)))
+            if grouped is not None:
+                total, pc, dc = self.match_classes(grouped, x, classes, draws, gen)
+            else:  # one class per pass (networks GroupedConvNet does not cover)
+                total, pe, dc = self.match_class(net, x, classes[0], [d[classes[0]] for d in draws], gen)
+                pc = pe.unsqueeze(0)
+            (g,) = torch.autograd.grad(total, x)
+            grad += g
+            per_class[c0:c0 + len(classes)] = pc
             dcor += dc
+        self.opt.step(grad)
         return per_class, dcor
 
     # ------------------------------------------------------------ network update
@@ -435,4 +521,8 @@ class IDC(ExpertMethod):
         return {"opt": self.opt.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.opt.load_state_dict(state["opt"])
+        opt = state["opt"]
+        if "momentum_buffer" not in opt:  # a checkpoint of torch.optim.SGD (before the closed form)
+            buf = opt.get("state", {}).get(0, {}).get("momentum_buffer")
+            opt = {"momentum_buffer": buf if buf is not None else torch.zeros_like(self.opt.buf)}
+        self.opt.load_state_dict(opt)
