@@ -189,9 +189,10 @@ class IDCExpertConfig(_Section):
     match_dsa_strategy: str = "color_crop_cutout"
     net_dsa_strategy: str = "color_crop"
     metric: Literal["mse", "l1", "cos"] = "mse"
-    class_chunk: int | None = Field(None, ge=1)
-    """Classes whose gradients are matched in one grouped pass (None = all); lower it when memory
-    is short (the pass holds NoE x classes x (batch_real + decoded images) activations)."""
+    class_chunk: int | None = Field(10, ge=1)
+    """Classes whose gradients are matched in one grouped pass (None = all). The pass holds
+    NoE x class_chunk x (batch_real + decoded images) activations, so the default keeps CIFAR-100's
+    100 classes at CIFAR-10's memory (10 passes); raise it on a large GPU, lower it if short."""
 
 
 class MTTExpertConfig(_Section):
