@@ -119,3 +119,20 @@ def test_fast_pools_match_the_native_kernels() -> None:
         fast(x).sum().backward()
         assert x.grad is not None and torch.isfinite(x.grad).all()
         x.grad = None
+
+
+def test_fast_average_pool_has_exact_first_and_second_derivatives() -> None:
+    """The custom backward (un-pool) and double backward (pool again) pass torch's numerical checks."""
+    from moedd.nets.pool import AvgPool2x2
+
+    pool = AvgPool2x2()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(pool, (x,))
+    assert torch.autograd.gradgradcheck(pool, (x,))
+    # a third order, as MTT's unrolled steps under gradient matching would reach
+    g = torch.autograd.grad(pool(x).pow(2).sum(), x, create_graph=True)[0]
+    gg = torch.autograd.grad(g.pow(3).sum(), x, create_graph=True)[0]
+    native = torch.nn.functional.avg_pool2d
+    g_ref = torch.autograd.grad(native(x, 2).pow(2).sum(), x, create_graph=True)[0]
+    gg_ref = torch.autograd.grad(g_ref.pow(3).sum(), x, create_graph=True)[0]
+    torch.testing.assert_close(gg, gg_ref)
