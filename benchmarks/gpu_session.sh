@@ -12,7 +12,18 @@
 #
 # Inputs (not in git; copied into .gpu/ by the caller): .gpu/cifar10-jpeg.tar.xz (../shared/data),
 # .gpu/refs/{dc,idm,idc,mtt} (reference checkouts for bench.py), optionally .whl/ (wheels of the
-# Python packages the machine lacks: pydantic, mlflow and their needs).
+# Python packages the machine lacks: pydantic, mlflow and their needs). The set that worked on
+# the H200 image (Python 3.12, torch 2.11; mlflow-skinny + mlflow-tracing install the `mlflow`
+# package without the UI), fetched with `pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform
+# manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl NAME==VERSION`:
+#   alembic==1.20.1 annotated_types==0.8.0 cachetools==7.3.3 cffi==2.1.1 cryptography==50.0.2
+#   databricks_sdk==0.162.0 fastapi==0.165.0 gitdb==4.0.12 gitpython==3.2.1 importlib_metadata==9.1.0
+#   mako==1.4.3 mlflow_skinny==3.17.2 mlflow_tracing==3.17.2 opentelemetry_api==1.45.2
+#   opentelemetry_proto==1.45.2 opentelemetry_sdk==1.45.2 opentelemetry_semantic_conventions==0.66b2
+#   pydantic==2.14.4 pydantic_core==2.50.5 smmap==5.0.3 sqlalchemy==2.1.9 sqlparse==0.6.1
+#   starlette==1.10.0 typing_extensions==4.16.0 typing_inspection==0.4.5
+# Device-tool call used here: carry [".gpu", ".whl"], command `BUDGET_S=540 bash benchmarks/gpu_session.sh`.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DVC_NO_ANALYTICS=1
 [[ -z ${MOEDD_GIT_COMMIT:-} && -f ${CARRY:-.gpu}/COMMIT ]] && export MOEDD_GIT_COMMIT=$(cat "${CARRY:-.gpu}/COMMIT")
