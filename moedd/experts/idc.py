@@ -440,7 +440,7 @@ class IDC(ExpertMethod):
             classes = list(range(c0, min(ctx.num_classes, c0 + chunk)))
             if grouped is not None:
                 total, pc, dc = self.match_classes(grouped, x, classes, draws, gen)
-            else:  # one class per pass (networks GroupedConvNet does not cover)
+            else:  # one class per pass (the CPU default; nets GroupedConvNet does not cover)
                 total, pe, dc = self.match_class(net, x, classes[0], [d[classes[0]] for d in draws], gen)
                 pc = pe.unsqueeze(0)
             (g,) = torch.autograd.grad(total, x)
