@@ -88,7 +88,7 @@ kernels (the per-class loop is launch-bound on a GPU). ``class_chunk`` bounds th
 does the CPU by default (``match_pass``: there the per-class loop measured 5 % faster). The real
 batch is min(batch_real, smallest class over all shards) for every expert (equal group sizes), and
 the siamese augmentation draws one parameter set per class for the pass (same distribution as
-one draw per class-step; a different order of draws than before commit 'IDC batched').
+one draw per class-step; a different order of draws than before commit f23753a).
 """
 
 from __future__ import annotations
