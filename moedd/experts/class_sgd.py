@@ -28,7 +28,7 @@ class ClassSequentialSGD:
     * step c: g = ∇L_c(x₁), b₂ = μ·b₁ + g, x₂ = x₁ − lr·b₂;
     * steps c+1..C-1 (zero grad): x₃ = x₂ − lr·S(C-1-c)·b₂, b₃ = μ^(C-1-c)·b₂.
 
-    So :meth:`lookahead` gives the point where IDM evaluates every class's gradient, and
+    So :meth:`lookahead` gives the point where IDM/IDC evaluate every class's gradient, and
     :meth:`step` applies the closed-form end result. A fresh buffer of zeros equals torch's lazily
     created one (its first ``buf = grad.clone()`` is μ·0 + grad).
 

@@ -123,24 +123,14 @@ def conv_weights(net: nn.Module) -> list[Tensor]:
 
 def gradient_distance(g_real: Sequence[Tensor], g_syn: Sequence[Tensor], metric: str = "mse") -> Tensor:
     """Σ over tensors of dist(g_real, g_syn): "mse" Σ(a−b)², "l1" Σ|a−b|, "cos" Σ_out (1 − cos)."""
-    terms = []
-    for a, b in zip(g_real, g_syn, strict=True):
-        if metric == "mse":
-            terms.append((a - b).pow(2).sum())
-        elif metric == "l1":
-            terms.append((a - b).abs().sum())
-        elif metric == "cos":
-            a2, b2 = a.flatten(1), b.flatten(1)
-            cos = (a2 * b2).sum(-1) / (a2.norm(dim=-1) * b2.norm(dim=-1) + 1e-6)
-            terms.append((1 - cos).sum())
-        else:
-            raise ValueError(f"unknown gradient-matching metric {metric!r} (mse, l1, cos)")
-    return torch.stack(terms).sum()
+    return grouped_gradient_distance(g_real, g_syn, 1, metric)[0]
 
 
 def grouped_gradient_distance(g_real: Sequence[Tensor], g_syn: Sequence[Tensor], groups: int,
                               metric: str = "mse") -> Tensor:
-    """:func:`gradient_distance` of G groups at once: tensors (G·out, …) -> distances (G,)."""
+    """:func:`gradient_distance` of G groups at once: tensors (G·out, …) -> distances (G,).
+
+    "mse" Σ(a−b)², "l1" Σ|a−b|, "cos" Σ over output channels of (1 − cos), each per group."""
     total = None
     for a, b in zip(g_real, g_syn, strict=True):
         if metric == "mse":
