@@ -97,9 +97,9 @@ def _git(*args: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the repository in the CWD; outside git (a copied tree, a container),
-    ``$MOEDD_GIT_COMMIT`` when set, else ''."""
-    return _git("rev-parse", "HEAD") or os.environ.get("MOEDD_GIT_COMMIT", "")
+    """``$MOEDD_GIT_COMMIT`` when set (a copied tree or container, where a ``.git`` may be absent
+    or stale, as on the lent GPU machine), else HEAD of the repository in the CWD ('' outside git)."""
+    return os.environ.get("MOEDD_GIT_COMMIT") or _git("rev-parse", "HEAD")
 
 
 def lineage_tags() -> dict[str, str]:
