@@ -221,13 +221,14 @@ def test_step_logs_the_matching_loss_of_every_class(tiny_prepared) -> None:
 
 def test_grouped_pass_equals_one_pass_per_group() -> None:
     """G grouped copies give each group's logits, features, conv-weight gradients and the double
-    backward through them exactly as G separate passes of the network do."""
+    backward through them exactly as G separate passes of the network do (in float64, so that the
+    comparison is about the math, not about float32 summation order)."""
     torch.manual_seed(0)
-    net = create_net("convnet3", 3, channels=3, image_size=16)
+    net = create_net("convnet3", 3, channels=3, image_size=16).double()
     assert GroupedConvNet.supports(net) and not GroupedConvNet.supports(create_net("convnet3_bn", 3, image_size=16))
     grouped = GroupedConvNet(net)
     groups, n = 4, 5
-    x = torch.randn(groups, n, 3, 16, 16, requires_grad=True)
+    x = torch.randn(groups, n, 3, 16, 16, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 1, 2, 1])
     w = grouped.replicate(groups)
     logits, feats = grouped.forward(x, w)
@@ -236,13 +237,13 @@ def test_grouped_pass_equals_one_pass_per_group() -> None:
     for g in range(groups):
         xg = x[g].detach().requires_grad_(True)
         out = net(xg)
-        torch.testing.assert_close(logits[g], out, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(feats[g], net.embed(xg), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logits[g], out, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(feats[g], net.embed(xg), rtol=1e-9, atol=1e-10)
         ref = torch.autograd.grad(F.cross_entropy(out, labels[g].expand(n)), conv_weights(net), create_graph=True)
         for a, b in zip(g_grouped, ref, strict=True):
-            torch.testing.assert_close(a.view(groups, *b.shape)[g], b, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a.view(groups, *b.shape)[g], b, rtol=1e-9, atol=1e-11)
         ref_second = torch.autograd.grad(sum(t.pow(2).sum() for t in ref), xg)[0]
-        torch.testing.assert_close(second[g], ref_second, rtol=1e-3, atol=1e-7)
+        torch.testing.assert_close(second[g], ref_second, rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("metric", ["mse", "l1", "cos"])
@@ -279,7 +280,9 @@ def test_matching_phase_equals_idc_per_class_steps(tiny_prepared, net: str, chun
         draws = [m.class_draw(k, n, gen) for k in range(m.ctx.noe)]
         for c in range(m.ctx.num_classes):
             total, per_expert, _ = m.match_class(netw, ref, c, [d[c] for d in draws], gen)
-            torch.testing.assert_close(per_class[c], per_expert.detach(), rtol=1e-4, atol=1e-6)
+            # phase 0 starts from the same images; phase 1 from images that agree to float32 rounding
+            # (amplified by the loss's cancellation: it is a squared difference of gradients)
+            torch.testing.assert_close(per_class[c], per_expert.detach(), rtol=1e-4 if phase == 0 else 1e-3, atol=1e-6)
             opt.zero_grad()
             total.backward(inputs=[ref])
             opt.step()

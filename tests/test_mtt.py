@@ -65,11 +65,11 @@ def test_objective_drops_images_and_lr_learn(prepared8, part2, teachers2) -> Non
     assert syn.shape == (2, 3 * 2, 3, 8, 8)
     method.setup(syn)
     x0, lr0 = syn.detach().clone(), method.learned_lr()
-    before = float(method.objective(syn, 0))
+    before = float(method.objective(syn, 0).detach())
     for it in range(8):
         out = method.step(syn, it)
         assert torch.isfinite(out["loss"]) and out["peak_mem_gb"] > 0
-    after = float(method.objective(syn, 0))
+    after = float(method.objective(syn, 0).detach())
     assert after < before, (before, after)
     assert not torch.equal(syn.detach(), x0)
     assert method.learned_lr() != lr0 and method.learned_lr() > 0

@@ -136,3 +136,44 @@ def test_fast_average_pool_has_exact_first_and_second_derivatives() -> None:
     g_ref = torch.autograd.grad(native(x, 2).pow(2).sum(), x, create_graph=True)[0]
     gg_ref = torch.autograd.grad(g_ref.pow(3).sum(), x, create_graph=True)[0]
     torch.testing.assert_close(gg, gg_ref)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_instance_norm_matches_group_norm_to_second_order(layout: torch.memory_format) -> None:
+    """The analytic double backward of moedd's instance norm equals autograd's through GroupNorm,
+    and both derivatives pass torch's numerical checks (NCHW and channels_last maps)."""
+    from moedd.nets.norm import InstanceNorm, instance_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(instance_norm, (x, w, b))
+    assert torch.autograd.gradgradcheck(instance_norm, (x, w, b))
+    up = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    results = []
+    for norm in (instance_norm, lambda x_, w_, b_: torch.nn.functional.group_norm(x_, 4, w_, b_)):
+        y = norm(x, w, b)
+        gx, gw, gb = torch.autograd.grad(y, (x, w, b), up, create_graph=True)
+        # a loss on all three first derivatives, as gradient matching puts one on the weight grads
+        loss = gx.sin().sum() + (gw * gw.detach().flip(0)).sum() + (gb * gw).sum()
+        results.append((y, *torch.autograd.grad(loss, (x, w), allow_unused=True)))
+    for ours, ref in zip(*results, strict=True):
+        torch.testing.assert_close(ours, ref)
+    # same parameters and state as the GroupNorm(C, C) it replaces
+    assert isinstance(create_net("convnet3", 10).features[1], InstanceNorm)
+    assert list(InstanceNorm(4).state_dict()) == list(torch.nn.GroupNorm(4, 4).state_dict())
+
+
+def test_instance_norm_refuses_a_third_derivative() -> None:
+    """No method needs one; asking for it fails loudly instead of returning a wrong value."""
+    from moedd.nets.norm import instance_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    r = torch.randn(2, 3, 4, 4)  # (a plain sum would be blind: the map's mean cancels)
+    w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    g = torch.autograd.grad((instance_norm(x, w, b) * r).pow(3).sum(), x, create_graph=True)[0]
+    gg = torch.autograd.grad((g * r).pow(2).sum(), x, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="no third derivative"):
+        torch.autograd.grad((gg * r).sum(), x)

@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moedd.nets.norm import instance_norm
+
 
 def _is_instance_norm(m: nn.Module) -> bool:
-    return isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels
+    return isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels and m.affine
 
 
 class GroupedConvNet:
@@ -84,8 +86,7 @@ class GroupedConvNet:
             bias = conv.bias.repeat(g) if conv.bias is not None else None
             h = F.conv2d(h, w, bias, conv.stride, conv.padding, conv.dilation, groups=g)
             if norm is not None:
-                h = F.group_norm(h, h.shape[1], norm.weight.repeat(g) if norm.weight is not None else None,
-                                 norm.bias.repeat(g) if norm.bias is not None else None, norm.eps)
+                h = instance_norm(h, norm.weight.repeat(g), norm.bias.repeat(g), norm.eps)
             h = pool(F.relu(h))
         feats = h.reshape(n, g, -1).transpose(0, 1)  # (G, n, width·s·s), channel-major as flatten(1)
         logits = torch.einsum("gnd,kd->gnk", feats, self.classifier.weight) + self.classifier.bias
