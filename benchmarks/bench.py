@@ -1238,7 +1238,7 @@ def bench_idc(data: Data, device: torch.device, R: types.SimpleNamespace | None,
 def mtt_worker(side: str, device: torch.device, sizes: MTTSizes, reps: int, reference: str | None, out: str) -> int:
     """Time one side of the MTT rows in THIS process (started by :func:`bench_mtt`) and write a JSON result.
 
-    Each side runs in its own process because peak memory is per process (``ru_maxrss``) or per
+    Each side runs in its own process because peak memory is per process (``VmHWM``) or per
     CUDA context (``max_memory_allocated``). Both sides build the same :class:`MTTInputs` first,
     so their baselines match. Protocol: 1 untimed iteration, then ``reps`` timed ones.
     """
@@ -1257,7 +1257,7 @@ def mtt_worker(side: str, device: torch.device, sizes: MTTSizes, reps: int, refe
             raise SystemExit("--_mtt-worker ref needs --reference-mtt PATH")
         ref = RefMTT(import_reference_mtt(reference), inputs, device, sizes)
         step = ref.step
-    before = peak_memory_gb(device)
+    before = _worker_peak_gb(device)
     name = "ours" if side == "ours" else "reference"
     log(f"  MTT {name} (own process {os.getpid()}): warm-up")
     loss = step()
@@ -1265,10 +1265,25 @@ def mtt_worker(side: str, device: torch.device, sizes: MTTSizes, reps: int, refe
     for r in range(reps):
         samples.append(_timed(step, device))
         log(f"  MTT {name} rep {r + 1}/{reps}: {samples[-1]:.3f}s")
-    result = {"side": side, "samples": samples, "peak_gb": peak_memory_gb(device), "before_gb": before,
+    result = {"side": side, "samples": samples, "peak_gb": _worker_peak_gb(device), "before_gb": before,
               "first_loss": loss, "pid": os.getpid()}
     Path(out).write_text(json.dumps(result))
     return 0
+
+
+def _worker_peak_gb(device: torch.device) -> float:
+    """This worker's own peak memory: on Linux CPUs ``VmHWM`` (the peak resident set of the current
+    address space, which starts afresh at exec), else :func:`peak_memory_gb`. ``ru_maxrss`` is
+    not used there: Linux carries it across fork+exec, so a worker started by a parent holding
+    4 GiB (the IDM/IDC rows' data) would report at least 4 GiB."""
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+        except OSError:
+            pass
+    return peak_memory_gb(device)
 
 
 def _run_mtt_worker(side: str, device: torch.device, sizes: MTTSizes, reps: int,
@@ -1289,36 +1304,47 @@ def _run_mtt_worker(side: str, device: torch.device, sizes: MTTSizes, reps: int,
 
 
 def bench_mtt(device: torch.device, reference: str | None, reps: int, sizes: MTTSizes, goal: float,
-              mem_goal: float) -> list[Row]:
+              mem_goal: float, rounds: int = 2) -> list[Row]:
     """MTT: seconds per iteration and peak memory, ``method.step(syn, it)`` (NoE 1) vs :class:`RefMTT` ``.step()``.
 
-    Each side runs in its own worker process (:func:`mtt_worker`), ours first, then the
-    reference; the repetitions cannot alternate across processes. The memory row is the peak
-    resident set of the whole worker (``ru_maxrss``: interpreter, torch, set-up and the unrolled
-    graph) on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA; lower is better, its
-    "speedup" is reference / ours.
+    Each side runs in its own worker process (:func:`mtt_worker`), so repetitions cannot alternate
+    within a process. Instead the workers alternate in ``rounds`` rounds, ABBA order (ours, ref;
+    ref, ours; …), each with ``ceil(reps / rounds)`` timed iterations; the row is the median over
+    all of a side's iterations, so a drift of the machine's speed hits both sides alike (on the
+    2-core VM a side's speed moved by 20 % between minutes). The memory row is the peak resident
+    set of the whole worker (``VmHWM``: interpreter, torch, set-up and the unrolled graph) on
+    the CPU, ``torch.cuda.max_memory_allocated`` on CUDA, the highest over a side's workers;
+    lower is better, its "speedup" is reference / ours.
     """
     reduced = "" if sizes.standard else f"reduced size ({sizes.describe()}): a harness check, not the standard setting"
     t_row = Row("mtt", f"MTT iteration, CIFAR-10 IPC {sizes.ipc} (s)", "s", goal=goal if sizes.standard else None)
     m_row = Row("mtt", "MTT peak memory (GiB)", "GiB", goal=mem_goal if sizes.standard else None)
     notes, base = [reduced] if reduced else [], []
-    for side in MTT_WORKER_SIDES:
-        if side == "ref" and reference is None:
-            continue
-        log(f"MTT iteration, {'ours' if side == 'ours' else 'reference'}: starting a worker process")
-        res, err = _run_mtt_worker(side, device, sizes, reps, reference)
-        if res is None:
-            notes.append(err)
-            continue
-        samples, peak = res["samples"], res["peak_gb"]
-        base.append(f"{'ours' if side == 'ours' else 'reference'} {res['before_gb']:.2f} GiB")
-        if side == "ours":
-            t_row.ours_samples, t_row.ours, m_row.ours = samples, _median(samples), peak
-        else:
-            t_row.ref_samples, t_row.ref, m_row.ref = samples, _median(samples), peak
-    t_row.note = "; ".join(notes)
-    what = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (ru_maxrss) of the worker process"
-    m_row.note = "; ".join([*notes, f"{what}; before the first iteration: {', '.join(base) or '—'}"])
+    rounds = max(1, rounds)
+    per_round = max(1, -(-reps // rounds))
+    sides = [s for s in MTT_WORKER_SIDES if s == "ours" or reference is not None]
+    got: dict[str, tuple[list[float], float]] = {}
+    for r in range(rounds):
+        for side in (sides if r % 2 == 0 else sides[::-1]):
+            name = "ours" if side == "ours" else "reference"
+            log(f"MTT iteration, {name} (round {r + 1}/{rounds}): starting a worker process")
+            res, err = _run_mtt_worker(side, device, sizes, per_round, reference)
+            if res is None:
+                notes.append(err)
+                continue
+            if r == 0:
+                base.append(f"{name} {res['before_gb']:.2f} GiB")
+            samples, peak = got.get(side, ([], 0.0))
+            got[side] = (samples + res["samples"], max(peak, res["peak_gb"]))
+    if "ours" in got:
+        t_row.ours_samples, m_row.ours = got["ours"]
+        t_row.ours = _median(t_row.ours_samples)
+    if "ref" in got:
+        t_row.ref_samples, m_row.ref = got["ref"]
+        t_row.ref = _median(t_row.ref_samples)
+    t_row.note = "; ".join(dict.fromkeys(notes))
+    what = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM) of the worker process"
+    m_row.note = "; ".join([*dict.fromkeys(notes), f"{what}; before the first iteration: {', '.join(base) or '—'}"])
     return [t_row, m_row]
 
 
@@ -1586,7 +1612,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-reps", type=int, help="timed test passes per net (default 3; quick 1)")
     p.add_argument("--idm-reps", type=int, help="timed IDM iterations per side (default 5; quick 2)")
     p.add_argument("--idc-reps", type=int, help="timed IDC inner steps per side (default 5; quick 2)")
-    p.add_argument("--mtt-reps", type=int, help="timed MTT iterations per side (default 5; quick 2)")
+    p.add_argument("--mtt-reps", type=int, help="timed MTT iterations per side (default 6; quick 2)")
+    p.add_argument("--mtt-rounds", type=int, help="MTT worker rounds per side, alternating ABBA (default 2; quick 1)")
     p.add_argument("--teacher-images", type=int, default=50_000,
                    help="real images per teacher epoch (50000; fewer: a harness check, the row gets no goal)")
     p.add_argument("--teacher-reps", type=int, help="timed teacher epochs per side (default 3; quick 1)")
@@ -1619,7 +1646,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(err)) from None
     cuda = device.type == "cuda"
     mtt_sizes = MTTSizes(a.mtt_ipc, a.mtt_syn_steps)
-    mtt_reps = a.mtt_reps or (2 if a.quick else 5)
+    mtt_reps = a.mtt_reps or (2 if a.quick else 6)
+    mtt_rounds = a.mtt_rounds or (1 if a.quick else 2)
     if a._mtt_worker:  # a child of bench_mtt: one side of the MTT rows, in its own process
         return mtt_worker(a._mtt_worker, device, mtt_sizes, mtt_reps, a.reference_mtt, a._mtt_out)
     sections = {s.strip() for s in a.only.split(",") if s.strip()}
@@ -1690,7 +1718,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_idc(data, device, R_idc, idc_reps, idc_sizes, goal=2.0 if cuda else 1.3)
     if "mtt" in sections:
         rows += bench_mtt(device, a.reference_mtt if R_mtt is not None else None, mtt_reps, mtt_sizes, goal=2.0 if cuda else 1.3,
-                          mem_goal=1.0)
+                          mem_goal=1.0, rounds=mtt_rounds)
     if "teacher" in sections:
         rows += bench_teacher(device, R_mtt, teacher_images, teacher_reps, goal=1.0)
     total = time.perf_counter() - t_start
@@ -1718,8 +1746,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{idc_sizes.describe()}, batch_syn_max 128, CutMix p 0.5, metric mse; ours match_phase + "
                      "train_net, reference condense.py's inner-loop body (per-class matchloss + train_epoch).")
     if "mtt" in sections:
-        notes.append(f"MTT: median of {mtt_reps} iterations after 1 warm-up, each side in its own process (ours, then "
-                     f"the reference); NoE 1, {mtt_sizes.describe()}, expert_epochs 2, ZCA space, DSA {DSA_STRATEGY}, "
+        notes.append(f"MTT: median of {mtt_rounds} x {-(-mtt_reps // mtt_rounds)} iterations per side, each side in its own "
+                     f"processes (one per round, 1 warm-up each), {mtt_rounds} rounds in ABBA order; NoE 1, {mtt_sizes.describe()}, expert_epochs 2, ZCA space, DSA {DSA_STRATEGY}, "
                      "ConvNet-3 (instance norm); ours method.step, reference distill.py's loop body. Memory row: "
                      "lower is better, speedup = reference / ours.")
     if "teacher" in sections:
@@ -1747,7 +1775,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {"dm_reps": dm_reps, "train_epochs": train_epochs, "test_images": test_images,
                          "test_reps": test_reps, "quick": a.quick, "sections": sorted(sections),
                          "idm_reps": idm_reps, "idc_reps": idc_reps, "idm_sizes": asdict(idm_sizes),
-                         "idc_sizes": asdict(idc_sizes), "mtt_reps": mtt_reps, "mtt_sizes": asdict(mtt_sizes),
+                         "idc_sizes": asdict(idc_sizes), "mtt_reps": mtt_reps, "mtt_rounds": mtt_rounds, "mtt_sizes": asdict(mtt_sizes),
                          "teacher_images": teacher_images, "teacher_reps": teacher_reps},
             "seconds_total": total,
             "rows": [{**asdict(r), "speedup": r.speedup, "met": r.met} for r in rows],
