@@ -4,10 +4,11 @@ Gradient matching (IDC, DC) and unrolled training (MTT) differentiate the networ
 pass. PyTorch's GroupNorm has fused kernels for its forward and backward, but its double
 backward is a generic composite of some thirty full-size elementwise ops and reductions (on the
 CPU, one 40x128x32x32 layer's forward + backward + double backward: 67 ms with F.group_norm, 40 ms
-here; benchmarks/README.md). Here the forward and backward call the same fused kernels (``native_group_norm`` and
-``native_group_norm_backward``), and the double backward is written out in closed form: every
-second derivative is a per-instance linear combination of x, dy and the incoming gradient, so it
-costs a few per-instance reductions and two or three passes over the map.
+here; benchmarks/README.md). Here the forward and backward call the same fused kernels
+(``native_group_norm`` and ``native_group_norm_backward``), and the double backward is written
+out in closed form: every second derivative is a per-instance linear combination of x, dy and
+the incoming gradient, so it costs a few per-instance reductions and two or three passes over the
+map.
 
 The formulas, per instance (one (n, c) map of M = H·W values), with x̂ = (x − μ)·r,
 r = (var + eps)^-½, the backward g = w·dy, and P(v) = r·(v − mean v − x̂·mean(v·x̂)) (the fused
@@ -49,11 +50,6 @@ def _layout(x: Tensor) -> torch.memory_format:
 def _per_instance(t: Tensor, like: Tensor) -> Tensor:
     """(N, C) -> (N, C, 1, …) for broadcasting against a map shaped like ``like``."""
     return t.reshape(*t.shape[:2], *([1] * (like.dim() - 2)))
-
-
-def _per_channel(t: Tensor, like: Tensor) -> Tensor:
-    """(C,) -> (1, C, 1, …)."""
-    return t.reshape(1, -1, *([1] * (like.dim() - 2)))
 
 
 def _mean(a: Tensor) -> Tensor:
