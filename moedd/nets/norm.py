@@ -68,6 +68,8 @@ def _dot_mean(a: Tensor, b: Tensor) -> Tensor:
 class _InstanceNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        if not x.is_cpu:  # the CUDA kernels take NCHW only (F.group_norm converts the same way)
+            x = x.contiguous()
         n, c, hw = _shape(x)
         y, mean, rstd = _aten.native_group_norm(x, weight, bias, n, c, hw, c, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
