@@ -56,9 +56,9 @@ _STREAM_DSA, _STREAM_PICK, _STREAM_ORDER, _STREAM_DCOR_NET = 2, 3, 4, 5
 _BYTES_PER_ACTIVATION = 10
 """Bytes kept per conv/norm/pool output element and unrolled step (float32 activations plus what
 the double backward keeps), rounded up from a measurement on CPU with benchmarks/bench.py (100
-CIFAR images, each side in its own process, peak RSS): 6.16 GiB at 15 steps and 11.14 GiB at 30,
-0.33 GiB per step = 3.6 MB per image-step over 387,082 elements per image = 9.2 bytes each (the
-reference: 12.63 GiB at 30 steps). Before moedd's own instance norm (moedd.nets.norm) it was 11.4."""
+CIFAR images, each side in its own process, peak RSS): 6.16 GiB at 15 steps (an earlier draft of
+the norm's double backward) and 11.14 GiB at 30, 0.33 GiB per step = 3.6 MB per image-step over
+387,082 elements per image = 9.2 bytes each (the reference: 12.63 GiB at 30 steps). Before moedd's own instance norm (moedd.nets.norm) it was 11.4."""
 
 
 def activation_elements(net: nn.Module, image_shape: tuple[int, ...]) -> int:
