@@ -177,3 +177,72 @@ def test_instance_norm_refuses_a_third_derivative() -> None:
     gg = torch.autograd.grad((g * r).pow(2).sum(), x, create_graph=True)[0]
     with pytest.raises(RuntimeError, match="no third derivative"):
         torch.autograd.grad((gg * r).sum(), x)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("geometry", [dict(padding=1), dict(padding=3), dict(stride=2, padding=1, groups=2),
+                                      dict(padding=2, dilation=2, bias=False)])
+def test_conv_matches_torch_conv_to_second_order(layout: torch.memory_format, geometry: dict) -> None:
+    """moedd's Conv2d (hand-written double backward on the CPU) equals nn.Conv2d's values, first
+    and second derivatives, with all three first derivatives under a loss (MTT) and with the
+    meta-gradient taken to the input only (IDC: the weights' term is skipped)."""
+    from moedd.nets.conv import Conv2d
+
+    torch.manual_seed(0)
+    kw = dict(kernel_size=3, **geometry)
+    ours = Conv2d(4, 6, **kw).double()
+    ref = torch.nn.Conv2d(4, 6, **kw).double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4, 9, 9, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    assert torch.autograd.gradcheck(ours, (x,))
+    assert torch.autograd.gradgradcheck(ours, (x,))
+    up = torch.randn_like(ref(x))
+    for wrt in ("all", "input"):
+        results = []
+        for net in (ours, ref):
+            params = [p for p in net.parameters()]
+            y = net(x)
+            firsts = torch.autograd.grad(y, [x, *params], up, create_graph=True)
+            loss = sum((g.sin() * torch.linspace(-1, 1, g.numel(), dtype=g.dtype).view_as(g)).sum() for g in firsts)
+            targets = [x, *params] if wrt == "all" else [x]
+            results.append((y, *firsts, *torch.autograd.grad(loss, targets, materialize_grads=True)))
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b)
+    assert isinstance(create_net("convnet3", 10).features[0], Conv2d)
+    assert list(Conv2d(4, 6, 3).state_dict()) == list(torch.nn.Conv2d(4, 6, 3).state_dict())
+
+
+def test_conv_refuses_a_third_derivative() -> None:
+    from moedd.nets.conv import Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    gw = torch.autograd.grad(conv(x).pow(2).sum(), conv.weight, create_graph=True)[0]
+    gx = torch.autograd.grad(gw.pow(2).sum(), x, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="no third derivative"):
+        torch.autograd.grad(gx.pow(2).sum(), x)
+
+
+def test_conv_computes_only_the_derivatives_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradients w.r.t. the weights compute no input gradient for the first layer, and a
+    meta-gradient w.r.t. the input only computes no weight term (IDC's case)."""
+    import moedd.nets.conv as conv_mod
+
+    masks: list[tuple[bool, bool, bool]] = []
+    native = conv_mod._conv_backward
+
+    def spy(g, x, w, geo, mask):
+        masks.append(tuple(mask))
+        return native(g, x, w, geo, mask)
+
+    monkeypatch.setattr(conv_mod, "_conv_backward", spy)
+    torch.manual_seed(0)
+    conv = conv_mod.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    gw, gb = torch.autograd.grad(conv(x).pow(2).sum(), (conv.weight, conv.bias), create_graph=True)
+    assert masks == [(False, True, True)]
+    masks.clear()
+    torch.autograd.grad(gw.pow(2).sum(), x)
+    # d/dx through ∂L/∂W, and through the forward conv's output (∂L/∂W depends on it); no weight term
+    assert masks == [(True, False, False)] * 2

@@ -10,6 +10,7 @@ from torch import nn
 
 from moedd.nets import make_norm, register_net
 from moedd.nets.base import TrunkClassifier
+from moedd.nets.conv import Conv2d
 from moedd.nets.pool import AvgPool2x2
 
 
@@ -44,7 +45,7 @@ class ConvNet(TrunkClassifier):
             pad = 3 if (d == 0 and image_size == 28) else 1
             size = size + 2 * pad - 2  # 3x3 conv, stride 1
             layers += [
-                nn.Conv2d(in_ch, width, kernel_size=3, padding=pad, bias=True),
+                Conv2d(in_ch, width, kernel_size=3, padding=pad, bias=True),
                 make_norm(norm, width),
                 nn.ReLU(inplace=True),
                 AvgPool2x2(),

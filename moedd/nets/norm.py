@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moedd.nets.higher_order import no_third_derivative
+
 _aten = torch.ops.aten
 
 
@@ -98,10 +100,7 @@ class _InstanceNormBackwardFn(torch.autograd.Function):
         dy, x, weight, mean, rstd = ctx.saved_tensors
         with torch.no_grad():
             grads = _InstanceNormBackwardFn._double_backward(ctx, dy, x, weight, mean, rstd, u, gw, gb)
-        if torch.is_grad_enabled():  # create_graph: a third derivative would be wrong, so make it raise
-            deps = [t for t in (dy, x, weight, u, gw, gb) if t is not None and t.requires_grad]
-            if deps:
-                grads = tuple(None if t is None else _NoThirdDerivative.apply(t, *deps) for t in grads)
+        grads = no_third_derivative(grads, (dy, x, weight, u, gw, gb), "moedd's instance norm (moedd.nets.norm)")
         return (*grads, None, None, None)
 
     @staticmethod
@@ -154,20 +153,6 @@ class _InstanceNormBackwardFn(torch.autograd.Function):
             if u is not None:
                 d_x.addcmul_(u, _per_instance((-r2 * s).expand(n, c), x))
         return d_dy, d_x, d_w
-
-
-class _NoThirdDerivative(torch.autograd.Function):
-    """Passes a second derivative through; differentiating it raises (instead of silently
-    dropping the terms a third derivative would need)."""
-
-    @staticmethod
-    def forward(ctx, value: Tensor, *deps: Tensor) -> Tensor:  # type: ignore[override]
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        raise RuntimeError("moedd's instance norm (moedd.nets.norm) has no third derivative; "
-                           "use torch.nn.functional.group_norm for third-order derivatives")
 
 
 def instance_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
