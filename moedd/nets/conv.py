@@ -82,6 +82,9 @@ class _ConvFn(torch.autograd.Function):
         mask = (need[0], need[1], need[2] and ctx.has_bias)
         if not any(mask):
             return None, None, None, None
+        if not torch.is_grad_enabled():  # plain training: no graph of the backward to record
+            gx, gw, gb = _conv_backward(_like(g_out, x), x, w, ctx.geo, mask)
+            return gx, gw, gb, None
         gx, gw, gb = _ConvBackwardFn.apply(g_out, x, w, ctx.geo, mask)
         return gx, gw, gb, None
 
