@@ -58,7 +58,9 @@ _BYTES_PER_ACTIVATION = 10
 the double backward keeps), rounded up from a measurement on CPU with benchmarks/bench.py (100
 CIFAR images, each side in its own process, peak RSS): 6.16 GiB at 15 steps (an earlier draft of
 the norm's double backward) and 11.14 GiB at 30, 0.33 GiB per step = 3.6 MB per image-step over
-387,082 elements per image = 9.2 bytes each (the reference: 12.63 GiB at 30 steps). Before moedd's own instance norm (moedd.nets.norm) it was 11.4."""
+387,082 elements per image = 9.2 bytes each (the reference: 12.63 GiB at 30 steps). Before moedd's own instance norm (moedd.nets.norm) it was 11.4;
+with moedd's Conv2d (moedd.nets.conv) the 30-step peak is 10.55-10.62 GiB (about 8.7 bytes), so
+10 stays a safe upper bound."""
 
 
 def activation_elements(net: nn.Module, image_shape: tuple[int, ...]) -> int:

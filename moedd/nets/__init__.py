@@ -10,6 +10,8 @@ Conventions shared by all nets (algorithms.md §2):
   ``nn.InstanceNorm2d``, which has no affine parameters by default and different state. It is
   built as :class:`moedd.nets.norm.InstanceNorm`, a GroupNorm subclass with the same parameters
   and values whose double backward (gradient matching, MTT unrolls) is analytic.
+* ConvNet's convolutions are :class:`moedd.nets.conv.Conv2d` (an ``nn.Conv2d`` with the same
+  state) whose double backward on the CPU is three native oneDNN calls, skipping unused terms.
 * Every net exposes ``embed(x)`` (the flattened penultimate feature, used by DM/IDM feature
   matching) and a linear ``classifier``, with ``forward(x) == classifier(embed(x))``.
 """
