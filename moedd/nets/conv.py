@@ -22,6 +22,8 @@ cuDNN's own path (this file changes nothing there). A third derivative raises.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,24 +33,13 @@ from moedd.nets.higher_order import engine_needs, no_third_derivative
 _aten = torch.ops.aten
 
 
-class _Geometry(tuple):
-    """(stride, padding, dilation, groups) of a convolution, in the forms aten wants."""
+class _Geometry(NamedTuple):
+    """A convolution's stride, padding, dilation and groups, in the forms aten wants."""
 
-    @property
-    def stride(self) -> list[int]:
-        return list(self[0])
-
-    @property
-    def padding(self) -> list[int]:
-        return list(self[1])
-
-    @property
-    def dilation(self) -> list[int]:
-        return list(self[2])
-
-    @property
-    def groups(self) -> int:
-        return self[3]
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
 
 
 def _conv(x: Tensor, w: Tensor, b: Tensor | None, geo: _Geometry) -> Tensor:
@@ -135,5 +126,5 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if x.is_cuda or x.dim() != 4 or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
-        geo = _Geometry((tuple(self.stride), tuple(self.padding), tuple(self.dilation), self.groups))
+        geo = _Geometry(list(self.stride), list(self.padding), list(self.dilation), self.groups)
         return _ConvFn.apply(x, self.weight, self.bias, geo)
