@@ -129,6 +129,7 @@ def train_network(
     net = net.to(device, memory_format=fmt)
     opt = torch.optim.SGD(net.parameters(), lr=data.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(seed + 7919)
+    host = torch.Generator().manual_seed(seed + 15_485_863)  # DSA's group per batch, drawn without a device sync
     rng = np.random.default_rng(seed)
     dsa = DSA(DSAParams(strategy=cfg.dsa_strategy)) if cfg.dsa else None
     mixer = MixupFusion(data.images, data.labels, data.experts, fusion.p, fusion.alpha) if fusion.kind == "mixup" else None
@@ -145,7 +146,7 @@ def train_network(
             if mixer is not None:
                 x = mixer(x, idx, gen, rng)
             if dsa is not None:
-                x = dsa.per_sample(x, gen)
+                x = dsa.per_sample(x, gen, host)
             loss = F.cross_entropy(net(x.contiguous(memory_format=fmt)), data.labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -205,6 +205,7 @@ def train_teacher(
     net = net.to(device, memory_format=fmt)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed((seed + 1) % _SEED_SPACE)
+    host = torch.Generator().manual_seed((seed + 2) % _SEED_SPACE)  # DSA's group per batch: no device sync
     dsa = DSA(DSAParams(strategy=cfg.dsa_strategy)) if cfg.dsa else None
     first = flat_params(net)
     traj = torch.empty(epochs + 1, first.numel(), dtype=torch.float32)
@@ -219,7 +220,7 @@ def train_teacher(
             idx = order[i : i + cfg.batch_size]
             x, y = images[idx], labels[idx]
             if dsa is not None:
-                x = dsa.per_sample(x, gen)
+                x = dsa.per_sample(x, gen, host)
             out = net(x.contiguous(memory_format=fmt))
             loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)

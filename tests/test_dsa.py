@@ -35,7 +35,7 @@ def test_shape_dtype_and_grad(strategy: str, mode: str) -> None:
     if mode == "siamese":
         y = aug.siamese(x, torch.tensor([0, 0, 1, 1, 2, 2]), 3, gen())
     else:
-        y = aug.per_sample(x, gen())
+        y = aug.per_sample(x, gen(), gen(1))
     assert y.shape == x.shape and y.dtype == x.dtype
     (y * torch.randn_like(y)).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
@@ -61,10 +61,33 @@ def test_determinism() -> None:
     unit = torch.arange(8) % 4
     aug = dsa()
     assert torch.equal(aug.siamese(x, unit, 4, gen(5)), aug.siamese(x, unit, 4, gen(5)))
-    assert torch.equal(aug.per_sample(x, gen(5)), aug.per_sample(x, gen(5)))
+    assert torch.equal(aug.per_sample(x, gen(5), gen(9)), aug.per_sample(x, gen(5), gen(9)))
     a = dsa("scale")
     assert not torch.equal(a.siamese(x, unit, 4, gen(5)), a.siamese(x, unit, 4, gen(6)))
-    assert not torch.equal(a.per_sample(x, gen(5)), a.per_sample(x, gen(6)))
+    assert not torch.equal(a.per_sample(x, gen(5), gen(9)), a.per_sample(x, gen(6), gen(9)))
+
+
+def test_per_sample_group_comes_from_the_host_generator() -> None:
+    """The group is drawn from ``host`` alone (no device read-back), the parameters from
+    ``generator``: the same host seed gives the same group sequence whatever the device
+    generator's seed, and the sequence visits several groups."""
+    x = torch.randn(4, 3, 16, 16)
+    aug = dsa()
+
+    def group_sequence(host_seed: int, dev_seed: int) -> list[tuple[str, ...]]:
+        host, dev = gen(host_seed), gen(dev_seed)
+        seq = []
+        for _ in range(12):
+            state = dev.get_state()
+            y = aug.per_sample(x, dev, host)
+            # which group's op, with the same device draws, gives y
+            seq.append(tuple(g for g in aug.groups if torch.equal(
+                y, aug._op(g, x, aug._draw(g, len(x), x, torch.Generator().set_state(state))))))
+        return seq
+
+    a, b = group_sequence(11, 3), group_sequence(11, 4)
+    assert all(len(hit) == 1 for hit in a + b)
+    assert a == b and len(set(a)) > 1
 
 
 def test_channels_last_matches_contiguous() -> None:
@@ -79,7 +102,7 @@ def test_channels_last_matches_contiguous() -> None:
 
 def test_per_sample_flip_mixes() -> None:
     img = torch.arange(16.0).view(1, 1, 4, 4)  # asymmetric left/right
-    y = dsa("flip").per_sample(img.repeat(64, 1, 1, 1), gen(0))
+    y = dsa("flip").per_sample(img.repeat(64, 1, 1, 1), gen(0), gen(1))
     flipped = (y == img.flip(3)).flatten(1).all(1)
     same = (y == img).flatten(1).all(1)
     assert (flipped | same).all() and flipped.any() and same.any()
@@ -87,7 +110,7 @@ def test_per_sample_flip_mixes() -> None:
 
 def test_crop_is_exact_integer_shift() -> None:
     x = torch.randn(16, 2, 32, 32)
-    y = dsa("crop").per_sample(x, gen(4))
+    y = dsa("crop").per_sample(x, gen(4), gen(1))
     shifts = set()
     for i in range(x.shape[0]):
         hits = [(dx, dy) for dx in range(-4, 5) for dy in range(-4, 5)
@@ -101,7 +124,7 @@ def test_cutout_square_rule() -> None:
     # side = int(32 * 0.5 + 0.5) = 16; centre o in [0, 32]; rows [max(0, o-8), min(31, o+7)]
     # -> each side of the zeroed box is 16, or between 8 and 15 when clipped at a border.
     x = torch.ones(200, 1, 32, 32)
-    y = dsa("cutout").per_sample(x, gen(7))
+    y = dsa("cutout").per_sample(x, gen(7), gen(1))
     assert set(y.unique().tolist()) <= {0.0, 1.0}
     for img in y[:, 0]:
         rows = (img == 0).any(1).nonzero().flatten()

@@ -243,20 +243,23 @@ class DSA:
             return self._op(self.groups[0], x, prm[0])
         return self._apply(x, g_unit.index_select(0, unit), prm)
 
-    def per_sample(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def per_sample(self, x: Tensor, generator: torch.Generator, host: torch.Generator) -> Tensor:
         """One group for the whole call, independent parameters per sample (reference mode 'S'
-        without seed); used while training evaluation networks.
+        without seed); used while training evaluation networks and unrolling MTT students.
 
         Args:
             x: float images (N,C,H,W), any memory format.
-            generator: RNG on ``x``'s device.
+            generator: RNG on ``x``'s device (the per-sample parameters).
+            host: CPU RNG for the call's group. The group decides which ops run, so it must be
+                known on the host; drawing it there (as the reference does, with the global CPU
+                RNG) keeps the call free of device syncs -- on a GPU a device draw read back with
+                ``.item()`` would stall the host at every call until the queued kernels finish.
 
         Returns:
             The augmented images, same shape and dtype as ``x``.
         """
         g = 0
-        if len(self.groups) > 1:  # one host sync per call
-            g = int(torch.randint(len(self.groups), (1,), device=x.device,
-                                  generator=generator).item())
+        if len(self.groups) > 1:
+            g = int(torch.randint(len(self.groups), (1,), generator=host))
         group = self.groups[g]
         return self._op(group, x, self._draw(group, x.shape[0], x, generator))

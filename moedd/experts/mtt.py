@@ -207,14 +207,15 @@ class MatchingTrainingTrajectories(ExpertMethod):
         return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes, strict=True)}
 
     def unroll(self, x: Tensor, y: Tensor, start: Tensor, target: Tensor, gen: torch.Generator,
-               order: Tensor) -> Tensor:
+               order: Tensor, host: torch.Generator) -> Tensor:
         """The normalised parameter distance after ``syn_steps`` student steps from ``start``.
 
         Args:
             x: (n, ch, H, W) one expert's synthetic images (part of the graph).
             y: (n,) their labels.
             start, target: flat teacher parameters θ*_t and θ*_{t+M}.
-            gen: device RNG for the augmentation.
+            gen: device RNG for the augmentation's parameters.
+            host: CPU RNG for the augmentation's group of each step (no device sync).
             order: (syn_steps·batch,) indices: step j uses order[j·batch:(j+1)·batch].
         """
         batch = min(self.cfg.batch_syn or len(y), len(y))
@@ -222,7 +223,7 @@ class MatchingTrainingTrajectories(ExpertMethod):
         theta = start.detach().clone().requires_grad_(True)
         for j in range(self.cfg.syn_steps):
             idx = order[j * batch:(j + 1) * batch]
-            xb = self.dsa.per_sample(x[idx], gen).contiguous(memory_format=fmt)
+            xb = self.dsa.per_sample(x[idx], gen, host).contiguous(memory_format=fmt)
             out = functional_call(self.net, self.unflatten(theta), (xb,))
             ce = F.cross_entropy(out, y[idx])
             (g,) = torch.autograd.grad(ce, theta, create_graph=True)
@@ -258,7 +259,7 @@ class MatchingTrainingTrajectories(ExpertMethod):
             traj = self.traj.load(k, i)
             start = traj[t].to(ctx.device)
             target = traj[t + cfg.expert_epochs].to(ctx.device)
-            loss = self.unroll(syn[k], labels, start, target, gen, self._order(len(labels), gen_order))
+            loss = self.unroll(syn[k], labels, start, target, gen, self._order(len(labels), gen_order), pick)
             if backward:
                 loss.backward()
             else:
