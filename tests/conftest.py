@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -83,3 +85,46 @@ def interrupted_then_resumed(name: str, params, prepared, partition, ckdir: Path
         run_distillation(name, params, prepared, partition, cpu, checkpoint_dir=ckdir, on_log=interrupt_at(stop_at), **kw)
     assert len(list(ckdir.glob("*.pt"))) == 1
     return run_distillation(name, params, prepared, partition, cpu, checkpoint_dir=ckdir, **kw)
+
+
+class DeviceReadBacks(TorchDispatchMode):
+    """Counts reads of device values into host scalars (``.item()``, ``int(t)``): on a GPU each
+    one stalls the host until the queued kernels have run.
+
+    The test runs on the CPU, where host and device tensors look alike, so the host side is
+    traced: a tensor drawn with a generator that is not one of the run's device generators
+    (``DistillContext.generator``; told apart by seed, as dispatch hands over a fresh Python
+    wrapper of the generator) is a host draw, and reading it back is free."""
+
+    def __init__(self, device_seeds: set[int]) -> None:
+        super().__init__()
+        self.device_seeds = device_seeds
+        self.host: list[torch.Tensor] = []  # kept alive, so their storage addresses stay theirs
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and not any(args[0].data_ptr() == t.data_ptr() for t in self.host):
+            self.count += 1
+        out = func(*args, **kwargs)
+        gen = kwargs.get("generator")
+        if gen is not None and gen.initial_seed() not in self.device_seeds and isinstance(out, torch.Tensor):
+            self.host.append(out)
+        return out
+
+
+def device_read_backs(monkeypatch: pytest.MonkeyPatch) -> DeviceReadBacks:
+    """A :class:`DeviceReadBacks` that knows the device generators the run creates from now on
+    (``DistillContext.generator`` is wrapped to record their seeds); use it as a context manager."""
+    from moedd.experts.base import DistillContext
+
+    seeds: set[int] = set()
+    original = DistillContext.generator
+
+    def recording(self: DistillContext, it: int, stream: int = 0) -> torch.Generator:
+        gen = original(self, it, stream)
+        seeds.add(gen.initial_seed())
+        return gen
+
+    monkeypatch.setattr(DistillContext, "generator", recording)
+    return DeviceReadBacks(seeds)

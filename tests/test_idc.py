@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moedd.experts.idc  # noqa: F401  (registers "idc" until moedd.experts imports it)
-from conftest import interrupted_then_resumed, tiny_params
+from conftest import device_read_backs, interrupted_then_resumed, tiny_params
 from moedd.data import make_partition
 from moedd.distill import build_method, run_distillation
 from moedd.evaluate import decode_quadrants
@@ -291,3 +291,18 @@ def test_matching_phase_equals_idc_per_class_steps(tiny_prepared, net: str, chun
         moved = (ref.detach() - init).norm()
         assert (syn.detach() - ref.detach()).norm() < 1e-2 * moved, ((syn - ref).norm(), moved)
     assert not torch.equal(syn.detach(), init)  # the images did move
+
+
+@pytest.mark.parametrize("match_pass", ["grouped", "per_class"])
+def test_inner_steps_read_nothing_back_to_the_host(tiny_prepared, monkeypatch, match_pass: str) -> None:
+    """An outer iteration's device reads do not grow with the inner steps (matching and network
+    update): on a GPU nothing inside the inner loop makes the host wait for the queued kernels."""
+    counts = []
+    for inner in (1, 3):
+        m, _ = _method(tiny_prepared, **{"experts.idc.inner_loop": inner, "experts.idc.match_pass": match_pass})
+        syn = m.init_images().requires_grad_(True)
+        m.setup(syn)
+        with device_read_backs(monkeypatch) as reads:
+            m.step(syn, 0)
+        counts.append(reads.count)
+    assert counts[0] == counts[1], counts

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import interrupted_then_resumed, tiny_params
-from torch.utils._python_dispatch import TorchDispatchMode
-
+from conftest import device_read_backs, interrupted_then_resumed, tiny_params
 from moedd.config import ConfigError
 from moedd.data import load_prepared, load_source, make_partition, save_prepared
 from moedd.distill import build_method, run_distillation, validate_run
@@ -160,53 +158,16 @@ def test_memory_estimate_grows_with_unroll_and_batch() -> None:
     assert 5 < one < 30  # the reference needs ~13 GiB for 30 steps x 100 CIFAR images
 
 
-class _DeviceReadBacks(TorchDispatchMode):
-    """Counts reads of device values into host scalars (``.item()``, ``int(t)``): on a GPU each
-    one stalls the host until the queued kernels have run.
-
-    The test runs on the CPU, where host and device tensors look alike, so the host side is
-    traced: a tensor drawn with a generator that is not one of the run's device generators
-    (``DistillContext.generator``; told apart by seed, as dispatch hands over a fresh Python
-    wrapper of the generator) is a host draw, and reading it back is free."""
-
-    def __init__(self, device_seeds: set[int]) -> None:
-        super().__init__()
-        self.device_seeds = device_seeds
-        self.host: list[torch.Tensor] = []  # kept alive, so their storage addresses stay theirs
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._local_scalar_dense.default and not any(args[0].data_ptr() == t.data_ptr() for t in self.host):
-            self.count += 1
-        out = func(*args, **kwargs)
-        gen = kwargs.get("generator")
-        if gen is not None and gen.initial_seed() not in self.device_seeds and isinstance(out, torch.Tensor):
-            self.host.append(out)
-        return out
-
-
 def test_unrolled_steps_read_nothing_back_to_the_host(prepared8, part2, teachers2, monkeypatch) -> None:
     """An MTT iteration reads no device value back inside the unroll: the per-step choices (the
     DSA group, the minibatch order) are drawn on the host or stay on the device. (A device draw of
     the DSA group read back with ``.item()`` stalled a GPU once per unrolled step.)"""
-    from moedd.experts.base import DistillContext
-
-    seeds: set[int] = set()
-    original = DistillContext.generator
-
-    def recording(self, it: int, stream: int = 0) -> torch.Generator:  # type: ignore[no-untyped-def]
-        gen = original(self, it, stream)
-        seeds.add(gen.initial_seed())
-        return gen
-
-    monkeypatch.setattr(DistillContext, "generator", recording)
     counts = []
     for steps in (2, 6):
         method = build_method("mtt", _params(**{"experts.mtt.syn_steps": steps}), prepared8, part2, CPU, teachers2)
         syn = method.init_images().detach().clone().requires_grad_(True)
         method.setup(syn)
-        with _DeviceReadBacks(seeds) as reads:
+        with device_read_backs(monkeypatch) as reads:
             method.step(syn, 0)
         counts.append(reads.count)
     assert counts == [0, 0], counts

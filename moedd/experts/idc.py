@@ -251,6 +251,8 @@ class IDC(ExpertMethod):
         self.net_aug = IDCAugment(cfg.net_dsa_strategy)
         # smallest class of every shard (host ints, computed once: no syncs in the loop)
         self.min_count = [int((t >= 0).sum(1).min()) for t in ctx.class_tables]
+        # class ids on the device once: a host list copied per pass would sync a GPU's stream
+        self.class_ids = torch.arange(ctx.num_classes, device=ctx.device)
         if ctx.noe == 1:
             self.pool_images, self.pool_labels = ctx.shard_images[0], ctx.shard_labels[0]
         else:  # the shared network trains on the union of the experts' shards
@@ -370,7 +372,7 @@ class IDC(ExpertMethod):
         Args:
             grouped: the current network as grouped copies.
             syn: (NoE, C·IPC, ch, H, W) stored images in [0, 1] (the look-ahead point).
-            classes: the classes of this pass.
+            classes: the classes of this pass (consecutive ids).
             draws: per expert, (C, n) shard-local indices of its real batches.
             gen: device RNG (syn sub-sample, augmentation).
 
@@ -395,7 +397,7 @@ class IDC(ExpertMethod):
         gen.set_state(state)
         syn_x = self.match_aug(syn_x, units.repeat_interleave(m).repeat(noe), cc, gen)
         groups = noe * cc  # group k·cc + j: expert k, class classes[j]
-        labels = torch.tensor(list(classes), device=dev).repeat(noe)
+        labels = self.class_ids[classes[0]:classes[-1] + 1].repeat(noe)  # classes: consecutive ids
         weights = grouped.replicate(groups)
         logits, _ = grouped.forward(real_x.view(groups, n, *shape), weights)
         g_real = torch.autograd.grad(grouped.group_losses(logits, labels).sum(), weights)
