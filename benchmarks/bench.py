@@ -82,6 +82,7 @@ DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 # our registry name -> reference get_network name
 NETS = {"convnet3": "ConvNet", "vgg11": "VGG11", "resnet18": "ResNet18", "alexnet": "AlexNet"}
 SECTIONS = ("dm", "train", "test", "idm", "idc", "mtt", "teacher")
+PROFILED = ("dm", "idc", "mtt")
 
 
 # ------------------------------------------------------------------------------------- timing
@@ -1198,9 +1199,9 @@ def bench_idm(data: Data, device: torch.device, D: types.ModuleType | None, reps
     return [row]
 
 
-def bench_idc(data: Data, device: torch.device, R: types.SimpleNamespace | None, reps: int, sizes: IDCSizes,
-              goal: float) -> list[Row]:
-    """IDC: seconds per INNER step (matching over the 10 classes + network update on n_data real images).
+def idc_sides(data: Data, device: torch.device, R: types.SimpleNamespace | None,
+              sizes: IDCSizes) -> tuple[Callable[[], None], Callable[[], float] | None]:
+    """One IDC inner step of ours and of the reference (None without ``R``), ready to call.
 
     Ours: ``method.match_phase(net, syn, gen)`` + ``method.train_net(net, opt, gen, rng)``, with the
     network, its optimiser and the generators set up as ``IDC.step`` sets them up for outer
@@ -1208,7 +1209,6 @@ def bench_idc(data: Data, device: torch.device, R: types.SimpleNamespace | None,
     set-up is untimed on both sides; successive inner steps reuse (and train) the same network,
     as in both loops.
     """
-    log("IDC inner step: building")
     params = idc_params(sizes, R.args if R is not None else None)
     method, syn = our_method("idc", params, data, device, 1)
     cfg, ctx = method.cfg, method.ctx
@@ -1228,11 +1228,39 @@ def bench_idc(data: Data, device: torch.device, R: types.SimpleNamespace | None,
         method.match_phase(net, syn, gen_match)
         method.train_net(net, net_opt, gen_net, rng)
 
+    return ours_inner, (ref.inner_step if ref is not None else None)
+
+
+def bench_idc(data: Data, device: torch.device, R: types.SimpleNamespace | None, reps: int, sizes: IDCSizes,
+              goal: float) -> list[Row]:
+    """IDC: seconds per INNER step (matching over the 10 classes + network update on n_data real
+    images), the two sides of :func:`idc_sides` alternating."""
+    log("IDC inner step: building")
+    ours_inner, ref_inner = idc_sides(data, device, R, sizes)
     row = Row("idc", "IDC inner step, IPC 10 (s)", "s", goal=goal if sizes.standard else None)
     if not sizes.standard:
         row.note = f"reduced size ({sizes.describe()}): a harness check, not the standard setting"
-    _alternate(row, ours_inner, ref.inner_step if ref is not None else None, reps, device)
+    _alternate(row, ours_inner, ref_inner, reps, device)
     return [row]
+
+
+def mtt_side(side: str, inputs: MTTInputs, device: torch.device, sizes: MTTSizes,
+             reference: str | None) -> Callable[[], float]:
+    """One MTT iteration of ``side`` ("ours": ``method.step``, NoE 1; "ref": :meth:`RefMTT.step`),
+    ready to call (returns the iteration's loss); successive calls are successive iterations."""
+    if side == "ours":
+        method, syn = our_mtt(inputs, device, sizes)
+        its = [0]
+
+        def step() -> float:
+            out_ = method.step(syn, its[0])
+            its[0] += 1
+            return float(out_["loss"])
+
+        return step
+    if reference is None:
+        raise SystemExit("--_mtt-worker ref needs --reference-mtt PATH")
+    return RefMTT(import_reference_mtt(reference), inputs, device, sizes).step
 
 
 def mtt_worker(side: str, device: torch.device, sizes: MTTSizes, reps: int, reference: str | None, out: str) -> int:
@@ -1243,20 +1271,7 @@ def mtt_worker(side: str, device: torch.device, sizes: MTTSizes, reps: int, refe
     so their baselines match. Protocol: 1 untimed iteration, then ``reps`` timed ones.
     """
     warnings.filterwarnings("ignore", category=UserWarning)  # the reference's affine_grid/meshgrid warnings
-    inputs = mtt_inputs(sizes, device)
-    if side == "ours":
-        method, syn = our_mtt(inputs, device, sizes)
-        its = [0]
-
-        def step() -> float:
-            out_ = method.step(syn, its[0])
-            its[0] += 1
-            return float(out_["loss"])
-    else:
-        if reference is None:
-            raise SystemExit("--_mtt-worker ref needs --reference-mtt PATH")
-        ref = RefMTT(import_reference_mtt(reference), inputs, device, sizes)
-        step = ref.step
+    step = mtt_side(side, mtt_inputs(sizes, device), device, sizes, reference)
     before = _worker_peak_gb(device)
     name = "ours" if side == "ours" else "reference"
     log(f"  MTT {name} (own process {os.getpid()}): warm-up")
@@ -1477,15 +1492,34 @@ def bench_test(data: Data, device: torch.device, U: types.ModuleType | None, net
 
 
 def profile_step(step: Callable[[], Any], device: torch.device, top: int) -> str:
-    """Profile one (already warm) call of ``step``; returns the top ops by self time."""
+    """Profile one (already warm) call of ``step``: a summary line, then the top ops by self time
+    (device time on CUDA).
+
+    The summary says whether the step is bound by the device or by the host: the profiled wall
+    time, and on CUDA the kernels' total time (GPU busy) and the number of kernel launches; a
+    busy share far below 100 % means the host (Python, autograd, dispatch, launches, syncs) is
+    what to shorten. The profiler adds host overhead, so the wall time is above the benchmark's.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
         step()
         _sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48)
+        wall = time.perf_counter() - t0
+    avg = prof.key_averages()
+    aten = sum(e.count for e in avg if e.key.startswith("aten::"))
+    summary = f"profiled wall {wall:.3f} s, {aten} aten op calls (nested included)"
+    if cuda:
+        busy = sum(e.self_device_time_total for e in avg) / 1e6
+        launches = sum(e.count for e in avg if "LaunchKernel" in e.key)
+        syncs = sum(e.count for e in avg if "Synchronize" in e.key)
+        summary += (f", GPU busy {busy:.3f} s ({100 * busy / max(wall, 1e-9):.0f} % of wall), "
+                    f"{launches} kernel launches, {syncs} synchronize calls")
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return summary + "\n" + prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48)
 
 
 def profile_dm(data: Data, device: torch.device, U: types.ModuleType | None, top: int = 15) -> str:
@@ -1497,6 +1531,34 @@ def profile_dm(data: Data, device: torch.device, U: types.ModuleType | None, top
         ref = RefDM(U, data, device, ipc=10, batch_real=256)
         ref.step()
         out += "\nreference (main_DM.py loop):\n" + profile_step(ref.step, device, top)
+    return out
+
+
+def profile_idc(data: Data, device: torch.device, R: types.SimpleNamespace | None, sizes: IDCSizes,
+                top: int = 15) -> str:
+    """Top ops of one warm IDC inner step of ours (and of the reference when given)."""
+    ours, ref = idc_sides(data, device, R, sizes)
+    ours()
+    out = f"ours (moedd IDC inner step, {sizes.describe()}):\n" + profile_step(ours, device, top)
+    if ref is not None:
+        ref()
+        out += "\nreference (condense.py inner-loop body):\n" + profile_step(ref, device, top)
+    return out
+
+
+def profile_mtt(device: torch.device, reference: str | None, sizes: MTTSizes, top: int = 15) -> str:
+    """Top ops of one warm MTT iteration of ours (and of the reference when given), one side at a
+    time in this process (each side's graph is freed before the next is built)."""
+    inputs = mtt_inputs(sizes, device)
+    out = ""
+    for side in ("ours", "ref"):
+        if side == "ref" and reference is None:
+            continue
+        step = mtt_side(side, inputs, device, sizes, reference)
+        step()
+        what = "ours (moedd MTT iteration" if side == "ours" else "reference (distill.py loop body"
+        out += f"{what}, {sizes.describe()}):\n" + profile_step(step, device, top) + "\n"
+        del step
     return out
 
 
@@ -1584,7 +1646,7 @@ def render(rows: list[Row]) -> str:
             r.what, _fmt(r.ours, r.unit), _fmt(r.ref, r.unit), f"{sp:.2f}x" if sp is not None else "—",
             f"≥{r.goal:g}x" if r.goal is not None else "—", met,
         ])
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    widths = [max([len(h), *(len(b[i]) for b in body)]) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(head), sep, *(line(b) for b in body)])
@@ -1603,7 +1665,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="snu-mllab/Efficient-Dataset-Condensation checkout to compare the IDC row against")
     p.add_argument("--reference-mtt", metavar="PATH",
                    help="GeorgeCazenavette/mtt-distillation checkout to compare the MTT and teacher rows against")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {', '.join(SECTIONS)}")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma list of sections: {', '.join(SECTIONS)} (none: only what --profile asks for)")
     p.add_argument("--nets", default=",".join(NETS), help="evaluation networks (default: all four)")
     p.add_argument("--dm-reps", type=int, help="timed DM iterations per row (default 5; quick 2)")
     p.add_argument("--train-epochs", type=int, help="timed training epochs per net (default 6; quick 2)")
@@ -1631,7 +1694,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--_mtt-out", help=argparse.SUPPRESS)  # internal: where that worker writes its JSON
     p.add_argument("--no-noe2", action="store_true", help="skip the NoE=2 DM row")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 DM row")
-    p.add_argument("--profile", action="store_true", help="also profile one DM step of ours and of the reference (torch.profiler top ops)")
+    p.add_argument("--profile", nargs="?", const="dm", metavar="SECTIONS",
+                   help="also profile one warm step of ours and of the reference (torch.profiler: GPU busy share, "
+                        f"kernel launches, top ops) for a comma list of {', '.join(PROFILED)} (default dm)")
     p.add_argument("--json", metavar="PATH", help="write all numbers (and raw samples) as JSON")
     a = p.parse_args(argv)
     return a
@@ -1650,10 +1715,13 @@ def main(argv: list[str] | None = None) -> int:
     mtt_rounds = a.mtt_rounds or (1 if a.quick else 2)
     if a._mtt_worker:  # a child of bench_mtt: one side of the MTT rows, in its own process
         return mtt_worker(a._mtt_worker, device, mtt_sizes, mtt_reps, a.reference_mtt, a._mtt_out)
-    sections = {s.strip() for s in a.only.split(",") if s.strip()}
+    sections = {s.strip() for s in a.only.split(",") if s.strip() and s.strip() != "none"}
     unknown = sections - set(SECTIONS)
     if unknown:
         raise SystemExit(f"--only: unknown section(s) {sorted(unknown)}")
+    profiled = {s.strip() for s in (a.profile or "").split(",") if s.strip()}
+    if profiled - set(PROFILED):
+        raise SystemExit(f"--profile: unknown section(s) {sorted(profiled - set(PROFILED))}; one of {', '.join(PROFILED)}")
     nets = [n.strip() for n in a.nets.split(",") if n.strip()]
     for n in nets:
         if n not in NETS:
@@ -1675,9 +1743,9 @@ def main(argv: list[str] | None = None) -> int:
 
     U = import_reference(a.reference_dc) if a.reference_dc else None
     D_idm = import_reference_idm(a.reference_idm) if a.reference_idm and "idm" in sections else None
-    R_idc = import_reference_idc(a.reference_idc, device) if a.reference_idc and "idc" in sections else None
+    R_idc = import_reference_idc(a.reference_idc, device) if a.reference_idc and "idc" in sections | profiled else None
     R_mtt = None
-    if a.reference_mtt and sections & {"mtt", "teacher"}:
+    if a.reference_mtt and sections & {"mtt", "teacher"} | profiled & {"mtt"}:
         R_mtt = import_reference_mtt(a.reference_mtt)  # checks the checkout; the MTT workers import it again
     info = machine_info(device)
     alloc = allocator_info()
@@ -1763,11 +1831,20 @@ def main(argv: list[str] | None = None) -> int:
                      + "; ".join(unsteady) + ". Re-run before trusting these rows.")
     notes.append(f"Total {total:.0f} s.")
     print("\n".join(notes))
-    if a.profile:
+    profiles: dict[str, str] = {}
+    if "dm" in profiled:
         if data is None or (not data.indices_class and U is not None):
             data = make_data(device, with_reference=True)
-        print("\nprofile of one DM step:")
-        print(profile_dm(data, device, U))
+        profiles["dm"] = profile_dm(data, device, U)
+    if "idc" in profiled:
+        if data is None:
+            data = make_data(device, with_reference=False)
+        profiles["idc"] = profile_idc(data, device, R_idc, idc_sizes)
+    if "mtt" in profiled:
+        profiles["mtt"] = profile_mtt(device, a.reference_mtt if R_mtt is not None else None, mtt_sizes)
+    for name, text in profiles.items():
+        print(f"\nprofile of one {name.upper()} step:")
+        print(text)
     if a.json:
         out = {
             "machine": info, "allocator": alloc, "reference": a.reference_dc, "reference_idm": a.reference_idm,
@@ -1778,6 +1855,7 @@ def main(argv: list[str] | None = None) -> int:
                          "idc_sizes": asdict(idc_sizes), "mtt_reps": mtt_reps, "mtt_rounds": mtt_rounds, "mtt_sizes": asdict(mtt_sizes),
                          "teacher_images": teacher_images, "teacher_reps": teacher_reps},
             "seconds_total": total,
+            "profiles": profiles,
             "rows": [{**asdict(r), "speedup": r.speedup, "met": r.met} for r in rows],
         }
         Path(a.json).write_text(json.dumps(out, indent=2))
