@@ -1751,7 +1751,8 @@ def main(argv: list[str] | None = None) -> int:
     alloc = allocator_info()
     header = (f"machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads)"
               + (f", GPU {info['gpu']}" if cuda else "")
-              + f"; torch {info['torch']}; device {device}; moedd {info['moedd_git']}; {info['date']}")
+              + f"; torch {info['torch']}; device {device}; moedd {info['moedd_git']}; {info['date']}"
+              + f"; layout {os.environ.get('MOEDD_LAYOUT', 'auto')} (MOEDD_LAYOUT)")
     print(header, flush=True)
     print(f"allocator: {alloc}", flush=True)
     for flag, path, mod, secs in (("--reference-dc", a.reference_dc, U, {"dm", "train", "test"}),
@@ -1853,7 +1854,8 @@ def main(argv: list[str] | None = None) -> int:
                          "test_reps": test_reps, "quick": a.quick, "sections": sorted(sections),
                          "idm_reps": idm_reps, "idc_reps": idc_reps, "idm_sizes": asdict(idm_sizes),
                          "idc_sizes": asdict(idc_sizes), "mtt_reps": mtt_reps, "mtt_rounds": mtt_rounds, "mtt_sizes": asdict(mtt_sizes),
-                         "teacher_images": teacher_images, "teacher_reps": teacher_reps},
+                         "teacher_images": teacher_images, "teacher_reps": teacher_reps,
+                         "layout": os.environ.get("MOEDD_LAYOUT", "auto")},
             "seconds_total": total,
             "profiles": profiles,
             "rows": [{**asdict(r), "speedup": r.speedup, "met": r.met} for r in rows],

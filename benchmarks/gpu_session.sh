@@ -7,7 +7,7 @@
 # still returns what it finished.
 #
 #   OUT=/tmp/gpu-out bash benchmarks/gpu_session.sh            # real sizes (what docs/results.md reports)
-#   PHASES="bench xarch" OUT=... bash benchmarks/gpu_session.sh  # a subset of: bench profile rows more xarch long
+#   PHASES="bench xarch" OUT=... bash benchmarks/gpu_session.sh  # a subset of: bench profile layout rows more xarch long
 #   SIZE=tiny DEVICE=cpu OUT=/tmp/gs bash benchmarks/gpu_session.sh   # rehearsal of the script itself
 #
 # Inputs (not in git; copied into .gpu/ by the caller): .gpu/cifar10-jpeg.tar.xz (../shared/data),
@@ -38,7 +38,7 @@ mkdir -p "$OUT" "$W/logs"
 log() { echo "[$(date -u +%H:%M:%S) +$((SECONDS - T0))s] $*" | tee -a "$W/logs/session.log"; }
 left() { echo $((BUDGET_S - (SECONDS - T0))); }
 pack() {  # what the session made, in three archives (the tool returns at most 8 files of <= 16 MB)
-  tar -czf "$OUT/gpu-session.tar.gz.part" logs metrics mlflow.db mlartifacts bench-cuda.json profile-cuda.json 2>/dev/null
+  tar -czf "$OUT/gpu-session.tar.gz.part" logs metrics mlflow.db mlartifacts bench-cuda.json profile-cuda.json bench-cuda-contiguous.json 2>/dev/null
   mv "$OUT/gpu-session.tar.gz.part" "$OUT/gpu-session.tar.gz"
   for n in 1 2; do  # synthetic sets (float32, ~1.2 MB per 100 images; they do not compress)
     if compgen -G "data/synthetic/*-noe$n" >/dev/null; then
@@ -130,7 +130,7 @@ cross_eval() {  # cross_eval NAME: VGG11, ResNet18, AlexNet x seeds 0,1,2 on an 
     --nets vgg11,resnet18,alexnet --seeds "${XSEEDS:-0,1,2}" --metrics "metrics/evaluate/$1-xarch.json" "${S[@]}"
 }
 
-# ---- phases (PHASES="bench profile rows more xarch long" by default; a later session can run a subset) -----
+# ---- phases (PHASES="bench profile layout rows more xarch long" by default; a later session can run a subset) -----
 R=$CARRY/refs
 phase_bench() {  # the benchmark table on this device, next to the reference code
   step bench 120 240 python3 benchmarks/bench.py --device "$DEVICE" --reference-dc $R/dc --reference-idm $R/idm \
@@ -139,6 +139,10 @@ phase_bench() {  # the benchmark table on this device, next to the reference cod
 phase_profile() {  # where one IDC inner step and one MTT iteration spend their time (GPU busy share, launches)
   step profile 90 200 python3 benchmarks/bench.py --device "$DEVICE" --only none --profile idc,mtt \
     --reference-idc $R/idc --reference-mtt $R/mtt --json profile-cuda.json "${PROFILE[@]}"
+}
+phase_layout() {  # the IDC/MTT rows again with every net in NCHW (MOEDD_LAYOUT; the default on CUDA is channels_last)
+  step bench-contiguous 120 240 env MOEDD_LAYOUT=contiguous python3 benchmarks/bench.py --device "$DEVICE" --only idc,mtt \
+    --reference-idc $R/idc --reference-mtt $R/mtt --json bench-cuda-contiguous.json "${PROFILE[@]}"
 }
 phase_rows() {  # the rows the issues' done-when needs: IDC 10x1/5x2, MTT 10x1
   distill_eval idc-noe1 idc 1 100 240 -S "experts.idc.iterations=$IT_IDC" -S "experts.idc.inner_loop=$IN_IDC"
@@ -165,7 +169,7 @@ phase_long() {  # a CPU hour of DM (2,500 iterations) and 1,000 IDC matching ste
   distill_eval dm-long-noe1 dm 1 60 150 -S "experts.dm.iterations=$IT_DM_LONG" -S experts.dm.batch_real=128
   distill_eval idc-long-noe1 idc 1 200 300 -S "experts.idc.iterations=$IT_IDC_LONG" -S "experts.idc.inner_loop=$IN_IDC"
 }
-for ph in ${PHASES:-bench profile rows more xarch long}; do log "phase $ph"; "phase_$ph"; done
+for ph in ${PHASES:-bench profile layout rows more xarch long}; do log "phase $ph"; "phase_$ph"; done
 
 step report 10 60 moedd report --metrics-dir metrics/evaluate --out metrics/report.md "${S[@]}"
 log "session done"

@@ -51,6 +51,9 @@ def tune_process() -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
 def memory_format_for(net: torch.nn.Module, device: torch.device) -> torch.memory_format:
     """The faster activation layout for ``net`` on ``device``.
 
@@ -58,7 +61,20 @@ def memory_format_for(net: torch.nn.Module, device: torch.device) -> torch.memor
     channels_last, but GroupNorm (our instance norm) is several times slower in that layout at
     16x16 and 8x8 maps, so nets with GroupNorm stay contiguous there (measured in
     benchmarks/README.md: VGG11/ResNet18 inference 2.1 s vs 4.3 s, 9.6 s vs 11.9 s).
+
+    ``MOEDD_LAYOUT=contiguous`` or ``channels_last`` overrides the choice for every net (a
+    benchmarking knob: the layout changes speed, not results; on CUDA the instance norm's fused
+    kernels take NCHW only, so there a GroupNorm net pays a layout copy per norm, and which
+    layout wins is measured by ``benchmarks/gpu_session.sh``).
+
+    Raises:
+        ValueError: MOEDD_LAYOUT is set to something else.
     """
+    forced = os.environ.get("MOEDD_LAYOUT", "auto")
+    if forced != "auto":
+        if forced not in _LAYOUTS:
+            raise ValueError(f"MOEDD_LAYOUT={forced!r}: use auto, contiguous or channels_last")
+        return _LAYOUTS[forced]
     if device.type == "cuda":
         return torch.channels_last
     has_gn = any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moedd.device import memory_format_for
 from moedd.nets.norm import instance_norm
 
 
@@ -44,6 +45,7 @@ class GroupedConvNet:
             conv, norm, _relu, pool = layers[i:i + 4]
             self.blocks.append((conv, None if isinstance(norm, nn.Identity) else norm, pool))
         self.classifier: nn.Linear = net.classifier  # type: ignore[attr-defined]
+        self.net = net
 
     @staticmethod
     def supports(net: nn.Module) -> bool:
@@ -80,8 +82,7 @@ class GroupedConvNet:
         """
         g, n = x.shape[:2]
         h = x.transpose(0, 1).reshape(n, g * x.shape[2], *x.shape[3:])
-        if h.is_cuda:  # tensor-core convolutions (memory_format_for); the CPU path stays NCHW
-            h = h.contiguous(memory_format=torch.channels_last)
+        h = h.contiguous(memory_format=memory_format_for(self.net, h.device))  # the net's own layout
         for (conv, norm, pool), w in zip(self.blocks, weights, strict=True):
             bias = conv.bias.repeat(g) if conv.bias is not None else None
             h = F.conv2d(h, w, bias, conv.stride, conv.padding, conv.dilation, groups=g)
