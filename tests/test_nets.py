@@ -212,6 +212,29 @@ def test_conv_matches_torch_conv_to_second_order(layout: torch.memory_format, ge
     assert list(Conv2d(4, 6, 3).state_dict()) == list(torch.nn.Conv2d(4, 6, 3).state_dict())
 
 
+def test_functional_conv2d_matches_f_conv2d_to_second_order() -> None:
+    """moedd.nets.conv.conv2d (the grouped IDC pass's convolution) equals F.conv2d with the same
+    stride / padding / dilation / groups, values and first and second derivatives (gradgradcheck
+    of ours against the numerical ones, and equal second derivatives)."""
+    import torch.nn.functional as F
+
+    from moedd.nets.conv import conv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    geo = dict(stride=(2, 1), padding=1, dilation=1, groups=2)
+    assert torch.autograd.gradgradcheck(lambda *a: conv2d(*a, **geo), (x, w, b))
+    out = []
+    for fn in (conv2d, F.conv2d):
+        y = fn(x, w, b, **geo)
+        g = torch.autograd.grad(y.pow(2).sum(), (x, w), create_graph=True)
+        out.append((y, *g, *torch.autograd.grad(sum(t.sin().sum() for t in g), (x, w, b))))
+    for a, r in zip(*out, strict=True):
+        torch.testing.assert_close(a, r)
+
+
 def test_conv_refuses_a_third_derivative() -> None:
     from moedd.nets.conv import Conv2d
 

@@ -118,6 +118,17 @@ class _ConvBackwardFn(torch.autograd.Function):
         return (*grads, None, None)
 
 
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | tuple[int, int] = 1,
+           padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1, groups: int = 1) -> Tensor:
+    """``F.conv2d`` (numeric padding only) with the double backward of the module docstring on the
+    CPU; on CUDA and for unbatched inputs ``F.conv2d`` itself."""
+    if x.is_cuda or x.dim() != 4:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    pair = torch.nn.modules.utils._pair
+    geo = _Geometry(list(pair(stride)), list(pair(padding)), list(pair(dilation)), groups)
+    return _ConvFn.apply(x, weight, bias, geo)
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state dict) whose double backward on the CPU is the
     formula of the module docstring; CUDA, unbatched inputs, string paddings and non-zero padding

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedd.device import memory_format_for
+from moedd.nets.conv import conv2d
 from moedd.nets.norm import instance_norm
 
 
@@ -60,6 +61,7 @@ class GroupedConvNet:
         for i in range(0, len(layers), 4):
             conv, norm, relu, pool = layers[i:i + 4]
             if not (isinstance(conv, nn.Conv2d) and conv.groups == 1 and isinstance(relu, nn.ReLU)
+                    and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
                     and (isinstance(norm, nn.Identity) or _is_instance_norm(norm))
                     and isinstance(pool, (nn.AvgPool2d, nn.MaxPool2d))):
                 return False
@@ -85,7 +87,7 @@ class GroupedConvNet:
         h = h.contiguous(memory_format=memory_format_for(self.net, h.device))  # the net's own layout
         for (conv, norm, pool), w in zip(self.blocks, weights, strict=True):
             bias = conv.bias.repeat(g) if conv.bias is not None else None
-            h = F.conv2d(h, w, bias, conv.stride, conv.padding, conv.dilation, groups=g)
+            h = conv2d(h, w, bias, conv.stride, conv.padding, conv.dilation, groups=g)
             if norm is not None:
                 h = instance_norm(h, norm.weight.repeat(g), norm.bias.repeat(g), norm.eps)
             h = pool(F.relu(h))
