@@ -104,7 +104,8 @@ class DeviceReadBacks(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if func is torch.ops.aten._local_scalar_dense.default and not any(args[0].data_ptr() == t.data_ptr() for t in self.host):
+        if func is torch.ops.aten._local_scalar_dense.default and not any(
+                args[0].data_ptr() == t.data_ptr() for t in self.host):
             self.count += 1
         out = func(*args, **kwargs)
         gen = kwargs.get("generator")

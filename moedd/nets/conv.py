@@ -135,7 +135,7 @@ class Conv2d(nn.Conv2d):
     modes use ``nn.Conv2d``'s own forward."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cuda or x.dim() != 4 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
-        geo = _Geometry(list(self.stride), list(self.padding), list(self.dilation), self.groups)
-        return _ConvFn.apply(x, self.weight, self.bias, geo)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,  # type: ignore[arg-type]
+                      self.groups)
