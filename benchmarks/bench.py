@@ -1513,13 +1513,15 @@ def profile_step(step: Callable[[], Any], device: torch.device, top: int) -> str
     aten = sum(e.count for e in avg if e.key.startswith("aten::"))
     summary = f"profiled wall {wall:.3f} s, {aten} aten op calls (nested included)"
     if cuda:
-        busy = sum(e.self_device_time_total for e in avg) / 1e6
+        # the kernels' own (device-type) events, as the table's "Self CUDA time total" sums them
+        busy = sum(e.self_device_time_total for e in avg
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e6
         launches = sum(e.count for e in avg if "LaunchKernel" in e.key)
         syncs = sum(e.count for e in avg if "Synchronize" in e.key)
         summary += (f", GPU busy {busy:.3f} s ({100 * busy / max(wall, 1e-9):.0f} % of wall), "
                     f"{launches} kernel launches, {syncs} synchronize calls")
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    return summary + "\n" + prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48)
+    return summary + "\n" + avg.table(sort_by=key, row_limit=top, max_name_column_width=48)
 
 
 def profile_dm(data: Data, device: torch.device, U: types.ModuleType | None, top: int = 15) -> str:
