@@ -104,9 +104,9 @@ if [[ $SIZE == tiny ]]; then  # rehearsal: same steps, seconds each
       -S trajectories.batch_size=64)
   IT_DM=2; IT_DM_LONG=3; IT_IDM=2; IT_IDC=1; IN_IDC=2; IT_IDC_LONG=2; IT_MTT=2; MTT_STEPS=2
   BENCH=(--quick --only dm --dm-reps 1 --no-noe2 --no-bf16)
-  PROFILE=(--idc-batch-real 8 --idc-n-data 64 --mtt-ipc 2 --mtt-syn-steps 3)
+  SMALL_IDC_MTT=(--idc-batch-real 8 --idc-n-data 64 --mtt-ipc 2 --mtt-syn-steps 3)  # profile/layout phases
 else
-  IT_DM=400; IT_DM_LONG=2500; IT_IDM=50; IT_IDC=3; IN_IDC=100; IT_IDC_LONG=10; IT_MTT=20; MTT_STEPS=20; BENCH=(); PROFILE=()
+  IT_DM=400; IT_DM_LONG=2500; IT_IDM=50; IT_IDC=3; IN_IDC=100; IT_IDC_LONG=10; IT_MTT=20; MTT_STEPS=20; BENCH=(); SMALL_IDC_MTT=()
 fi
 MTT_S=(-S experts.mtt.preset=cifar10 -S "experts.mtt.iterations=$IT_MTT" -S "experts.mtt.syn_steps=$MTT_STEPS"
        -S experts.mtt.max_start_epoch=2 -S experts.mtt.expert_epochs=2 -S experts.mtt.lr_teacher=0.01
@@ -138,11 +138,11 @@ phase_bench() {  # the benchmark table on this device, next to the reference cod
 }
 phase_profile() {  # where one IDC inner step and one MTT iteration spend their time (GPU busy share, launches)
   step profile 90 200 python3 benchmarks/bench.py --device "$DEVICE" --only none --profile idc,mtt \
-    --reference-idc $R/idc --reference-mtt $R/mtt --json profile-cuda.json "${PROFILE[@]}"
+    --reference-idc $R/idc --reference-mtt $R/mtt --json profile-cuda.json "${SMALL_IDC_MTT[@]}"
 }
 phase_layout() {  # the IDC/MTT rows again with every net in NCHW (MOEDD_LAYOUT; the default on CUDA is channels_last)
   step bench-contiguous 120 240 env MOEDD_LAYOUT=contiguous python3 benchmarks/bench.py --device "$DEVICE" --only idc,mtt \
-    --reference-idc $R/idc --reference-mtt $R/mtt --json bench-cuda-contiguous.json "${PROFILE[@]}"
+    --reference-idc $R/idc --reference-mtt $R/mtt --json bench-cuda-contiguous.json "${SMALL_IDC_MTT[@]}"
 }
 phase_rows() {  # the rows the issues' done-when needs: IDC 10x1/5x2, MTT 10x1
   distill_eval idc-noe1 idc 1 100 240 -S "experts.idc.iterations=$IT_IDC" -S "experts.idc.inner_loop=$IN_IDC"
