@@ -752,7 +752,7 @@ MTT_ARGS = dict(
 )
 MTT_TEACHERS = 2
 """Teachers in the stand-in trajectory buffer (both sides draw one per iteration; timing does not depend on which)."""
-MTT_WORKER_SIDES = ("ours", "ref")
+MTT_WORKER_SIDES = ("ours", "ref", "graph")  # graph: ours with experts.mtt.cuda_graph (CUDA only)
 
 
 def import_reference_mtt(path: str) -> types.SimpleNamespace:
@@ -1059,7 +1059,7 @@ def idc_params(sizes: IDCSizes, args: argparse.Namespace | None):
     }.items()}})
 
 
-def mtt_params(sizes: MTTSizes):
+def mtt_params(sizes: MTTSizes, cuda_graph: bool = False):
     """Our MTT settings = the reference run's (``MTT_ARGS``), every knob written out (``preset: none``).
 
     ``grid`` lists NoE 1 only (its budget check would refuse IPC 1 at the default NoE 2 of a
@@ -1072,11 +1072,11 @@ def mtt_params(sizes: MTTSizes):
                               **{f"experts.mtt.{k}": v for k, v in {
         "syn_steps": sizes.syn_steps, "expert_epochs": a["expert_epochs"], "max_start_epoch": a["max_start_epoch"],
         "lr_img": a["lr_img"], "lr_lr": a["lr_lr"], "lr_teacher": a["lr_teacher"], "momentum": 0.5,
-        "zca": a["zca"], "dsa_strategy": a["dsa_strategy"], "max_memory_gb": 1.0e6,
+        "zca": a["zca"], "dsa_strategy": a["dsa_strategy"], "max_memory_gb": 1.0e6, "cuda_graph": cuda_graph,
     }.items()}})
 
 
-def our_mtt(inputs: MTTInputs, device: torch.device, sizes: MTTSizes):
+def our_mtt(inputs: MTTInputs, device: torch.device, sizes: MTTSizes, cuda_graph: bool = False):
     """Our MTT method (NoE 1) on :class:`MTTInputs`; returns (method, syn).
 
     Built as ``moedd.distill.optimise`` builds it (``build_method`` with the trajectories, then
@@ -1089,7 +1089,7 @@ def our_mtt(inputs: MTTInputs, device: torch.device, sizes: MTTSizes):
         "net": "convnet3", "param_count": int(inputs.trajectories[0].shape[1]),
     }, inputs.zca, inputs.trajectories)
     part = make_partition(prep.train_labels, prep.num_classes, 1, seed=0, data_digest=prep.digest)
-    method = build_method("mtt", mtt_params(sizes), prep, part, device, trajectories=traj)
+    method = build_method("mtt", mtt_params(sizes, cuda_graph), prep, part, device, trajectories=traj)
     syn = inputs.images.unsqueeze(0).detach().clone().requires_grad_(True)
     method.setup(syn)
     return method, syn
@@ -1246,15 +1246,19 @@ def bench_idc(data: Data, device: torch.device, R: types.SimpleNamespace | None,
 
 def mtt_side(side: str, inputs: MTTInputs, device: torch.device, sizes: MTTSizes,
              reference: str | None) -> Callable[[], float]:
-    """One MTT iteration of ``side`` ("ours": ``method.step``, NoE 1; "ref": :meth:`RefMTT.step`),
-    ready to call (returns the iteration's loss); successive calls are successive iterations."""
-    if side == "ours":
-        method, syn = our_mtt(inputs, device, sizes)
+    """One MTT iteration of ``side`` ("ours": ``method.step``, NoE 1; "graph": the same with
+    ``experts.mtt.cuda_graph``; "ref": :meth:`RefMTT.step`), ready to call (returns the
+    iteration's loss); successive calls are successive iterations. A "graph" side whose capture
+    failed (it then runs eagerly) raises at its first call, so its row is never an eager time."""
+    if side in ("ours", "graph"):
+        method, syn = our_mtt(inputs, device, sizes, cuda_graph=side == "graph")
         its = [0]
 
         def step() -> float:
             out_ = method.step(syn, its[0])
             its[0] += 1
+            if side == "graph" and float(out_["cuda_graph"]) != 1.0:
+                raise SystemExit("MTT graph side: the CUDA graph was not captured (see the warning above)")
             return float(out_["loss"])
 
         return step
@@ -1273,7 +1277,7 @@ def mtt_worker(side: str, device: torch.device, sizes: MTTSizes, reps: int, refe
     warnings.filterwarnings("ignore", category=UserWarning)  # the reference's affine_grid/meshgrid warnings
     step = mtt_side(side, mtt_inputs(sizes, device), device, sizes, reference)
     before = _worker_peak_gb(device)
-    name = "ours" if side == "ours" else "reference"
+    name = {"ours": "ours", "ref": "reference", "graph": "ours, CUDA graph"}[side]
     log(f"  MTT {name} (own process {os.getpid()}): warm-up")
     loss = step()
     samples = []
@@ -1337,11 +1341,13 @@ def bench_mtt(device: torch.device, reference: str | None, reps: int, sizes: MTT
     notes, base = [reduced] if reduced else [], []
     rounds = max(1, rounds)
     per_round = max(1, -(-reps // rounds))
-    sides = [s for s in MTT_WORKER_SIDES if s == "ours" or reference is not None]
+    sides = [s for s in ("ours", "ref") if s == "ours" or reference is not None]
+    if device.type == "cuda":  # experts.mtt.cuda_graph: a third worker, its own rows
+        sides.append("graph")
     got: dict[str, tuple[list[float], float]] = {}
     for r in range(rounds):
         for side in (sides if r % 2 == 0 else sides[::-1]):
-            name = "ours" if side == "ours" else "reference"
+            name = {"ours": "ours", "ref": "reference", "graph": "ours, CUDA graph"}[side]
             log(f"MTT iteration, {name} (round {r + 1}/{rounds}): starting a worker process")
             res, err = _run_mtt_worker(side, device, sizes, per_round, reference)
             if res is None:
@@ -1360,7 +1366,19 @@ def bench_mtt(device: torch.device, reference: str | None, reps: int, sizes: MTT
     t_row.note = "; ".join(dict.fromkeys(notes))
     what = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM) of the worker process"
     m_row.note = "; ".join([*dict.fromkeys(notes), f"{what}; before the first iteration: {', '.join(base) or '—'}"])
-    return [t_row, m_row]
+    rows = [t_row, m_row]
+    if "graph" in sides:  # same reference samples; ours replayed as one CUDA graph per iteration
+        g_row = Row("mtt", f"MTT iteration, CUDA graph, IPC {sizes.ipc} (s)", "s", goal=t_row.goal,
+                    ref=t_row.ref, ref_samples=t_row.ref_samples)
+        gm_row = Row("mtt", "MTT peak memory, CUDA graph (GiB)", "GiB", goal=m_row.goal, ref=m_row.ref)
+        if "graph" in got:
+            g_row.ours_samples, gm_row.ours = got["graph"]
+            g_row.ours = _median(g_row.ours_samples)
+        else:
+            g_row.note = gm_row.note = "the graph worker failed (capture refused?): see the log"
+        g_row.note = "; ".join(x for x in (g_row.note, "experts.mtt.cuda_graph: true; DSA groups drawn on the device") if x)
+        rows += [g_row, gm_row]
+    return rows
 
 
 def bench_teacher(device: torch.device, R: types.SimpleNamespace | None, n_images: int, reps: int,

@@ -7,7 +7,7 @@
 # still returns what it finished.
 #
 #   OUT=/tmp/gpu-out bash benchmarks/gpu_session.sh            # real sizes (what docs/results.md reports)
-#   PHASES="bench xarch" OUT=... bash benchmarks/gpu_session.sh  # a subset of: bench profile layout rows more xarch long
+#   PHASES="bench xarch" OUT=... bash benchmarks/gpu_session.sh  # a subset of: graphtests bench profile layout rows more xarch long
 #   SIZE=tiny DEVICE=cpu OUT=/tmp/gs bash benchmarks/gpu_session.sh   # rehearsal of the script itself
 #
 # Inputs (not in git; copied into .gpu/ by the caller): .gpu/cifar10-jpeg.tar.xz (../shared/data),
@@ -23,6 +23,7 @@
 #   opentelemetry_proto==1.45.2 opentelemetry_sdk==1.45.2 opentelemetry_semantic_conventions==0.66b2
 #   pydantic==2.14.4 pydantic_core==2.50.5 smmap==5.0.3 sqlalchemy==2.1.9 sqlparse==0.6.1
 #   starlette==1.10.0 typing_extensions==4.16.0 typing_inspection==0.4.5
+# and, for the graphtests phase, pytest with its needs (pytest, pluggy, iniconfig, packaging, pygments).
 # Device-tool call used here: carry [".gpu", ".whl"], command `BUDGET_S=540 bash benchmarks/gpu_session.sh`.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DVC_NO_ANALYTICS=1
@@ -130,11 +131,14 @@ cross_eval() {  # cross_eval NAME: VGG11, ResNet18, AlexNet x seeds 0,1,2 on an 
     --nets vgg11,resnet18,alexnet --seeds "${XSEEDS:-0,1,2}" --metrics "metrics/evaluate/$1-xarch.json" "${S[@]}"
 }
 
-# ---- phases (PHASES="bench profile layout rows more xarch long" by default; a later session can run a subset) -----
+# ---- phases (PHASES="graphtests bench profile layout rows more xarch long" by default; a later session can run a subset) -----
 R=$CARRY/refs
 phase_bench() {  # the benchmark table on this device, next to the reference code
   step bench 120 240 python3 benchmarks/bench.py --device "$DEVICE" --reference-dc $R/dc --reference-idm $R/idm \
     --reference-idc $R/idc --reference-mtt $R/mtt --json bench-cuda.json "${BENCH[@]}" ${BENCH_ARGS:-}
+}
+phase_graphtests() {  # the CUDA-only tests: MTT's captured graph replays its eager body (needs pytest in .whl)
+  step graphtests 60 180 python3 -m pytest -q -p no:cacheprovider tests/test_mtt.py tests/test_idc.py -k cuda_graph -rs
 }
 phase_profile() {  # where one IDC inner step and one MTT iteration spend their time (GPU busy share, launches)
   step profile 90 200 python3 benchmarks/bench.py --device "$DEVICE" --only none --profile idc,mtt \
@@ -169,7 +173,7 @@ phase_long() {  # a CPU hour of DM (2,500 iterations) and 1,000 IDC matching ste
   distill_eval dm-long-noe1 dm 1 60 150 -S "experts.dm.iterations=$IT_DM_LONG" -S experts.dm.batch_real=128
   distill_eval idc-long-noe1 idc 1 200 300 -S "experts.idc.iterations=$IT_IDC_LONG" -S "experts.idc.inner_loop=$IN_IDC"
 }
-for ph in ${PHASES:-bench profile layout rows more xarch long}; do log "phase $ph"; "phase_$ph"; done
+for ph in ${PHASES:-graphtests bench profile layout rows more xarch long}; do log "phase $ph"; "phase_$ph"; done
 
 step report 10 60 moedd report --metrics-dir metrics/evaluate --out metrics/report.md "${S[@]}"
 log "session done"

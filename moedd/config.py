@@ -228,6 +228,12 @@ class MTTExpertConfig(_Section):
     dsa_strategy: str = DSA_STRATEGY
     max_memory_gb: float | None = Field(None, gt=0)
     """Refuse a run whose estimated peak memory exceeds this (None = the device's memory)."""
+    cuda_graph: bool = False
+    """On a CUDA device, capture each iteration's unrolls and meta-gradients as one CUDA graph
+    and replay it (``moedd.experts.mtt_graph``): one launch instead of thousands, for GPUs where
+    the host's launches bound the iteration. The DSA group of each step is then drawn on the
+    device (same distribution, another random stream). No effect on a CPU. Off by default until
+    measured on a GPU (benchmarks/README.md)."""
 
 
 class TrajectoriesConfig(_Section):

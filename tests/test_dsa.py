@@ -157,3 +157,42 @@ def test_siamese_group_choice_is_per_unit() -> None:
     y = dsa("flip_color").siamese(img.repeat(64, 1, 1, 1), torch.arange(64), 64, gen(0))
     is_flip = (y == img).flatten(1).all(1) | (y == img.flip(3)).flatten(1).all(1)
     assert is_flip.any() and (~is_flip).any()
+
+
+@pytest.mark.parametrize("group", SINGLE)
+def test_gated_equals_the_picked_op_exactly(group: str) -> None:
+    """``gated`` (every op runs, kept by ``torch.where`` on a device-side pick; what a CUDA graph
+    captures) is bitwise the picked group's op, and its gradient reaches x through that op only."""
+    aug = dsa()
+    x = torch.randn(5, 3, 16, 16, requires_grad=True)
+    prm = [aug._draw(g, len(x), x, gen(7 + i)) for i, g in enumerate(aug.groups)]
+    g = aug.groups.index(group)
+    y = aug.gated(x, torch.tensor([g]), prm)
+    want = aug._op(group, x, prm[g])
+    assert torch.equal(y, want)
+    w = torch.randn_like(y)
+    (gy,) = torch.autograd.grad((y * w).sum(), x)
+    (gw,) = torch.autograd.grad((want * w).sum(), x)
+    assert torch.equal(gy, gw)
+
+
+def test_per_sample_static_draws_every_group_on_the_device() -> None:
+    """No host generator: the group comes from the device generator (same seed, same result),
+    each group is drawn about equally often, and with a one-group strategy the result is
+    ``per_sample``'s with the same generator."""
+    x = torch.randn(4, 3, 8, 8)
+    aug = dsa()
+    assert torch.equal(aug.per_sample_static(x, gen(5)), aug.per_sample_static(x, gen(5)))
+    dev, hits = gen(1), {g: 0 for g in aug.groups}
+    for _ in range(300):
+        state = dev.get_state()
+        pick = int(torch.randint(len(aug.groups), (1,), generator=torch.Generator().set_state(state)))
+        y = aug.per_sample_static(x, dev)
+        replay = torch.Generator().set_state(state)
+        torch.randint(len(aug.groups), (1,), generator=replay)
+        prm = [aug._draw(g, len(x), x, replay) for g in aug.groups]
+        assert torch.equal(y, aug._op(aug.groups[pick], x, prm[pick]))
+        hits[aug.groups[pick]] += 1
+    assert min(hits.values()) > 25, hits  # 50 expected per group
+    crop = dsa("crop")
+    assert torch.equal(crop.per_sample_static(x, gen(9)), crop.per_sample(x, gen(9), gen(0)))

@@ -18,6 +18,7 @@ from moedd.data import load_prepared, load_source, make_partition, save_prepared
 from moedd.distill import build_method, run_distillation, validate_run
 from moedd.evaluate import evaluate_synthetic, prepare_test_images
 from moedd.experts.mtt import estimate_memory_gb
+from moedd.experts.mtt_graph import StaticUnrolls
 from moedd.nets import create_net
 from moedd.synthetic import SyntheticSetError, check_matches, load_synthetic, save_synthetic, to_pixels
 from moedd.trajectories import load_trajectories, train_teachers
@@ -192,3 +193,97 @@ def test_layout_knob_changes_speed_not_results(prepared8, part2, teachers2, monk
     monkeypatch.setenv("MOEDD_LAYOUT", "nhwc")
     with pytest.raises(ValueError, match="MOEDD_LAYOUT"):
         build_method("mtt", _params(), prepared8, part2, CPU, teachers2)
+
+
+def _grads_of_one_iteration(method, syn, static: StaticUnrolls | None, it: int = 0):
+    """(losses, syn.grad, lr.grad) of iteration ``it``, eagerly or through ``static``'s body."""
+    syn.grad, method.lr.grad = None, None
+    if static is None:
+        losses, _, _ = method._losses(syn, it, backward=True)
+    else:
+        losses = torch.stack(method._static_losses(static, syn, it))
+    return losses, syn.grad.clone(), method.lr.grad.clone()
+
+
+def test_static_body_equals_the_eager_unrolls(prepared8, part2, teachers2) -> None:
+    """The body a CUDA graph captures (static buffers, DSA group drawn on the device), run
+    eagerly: with a one-group DSA strategy it draws exactly what the eager unroll draws, so its
+    losses and meta-gradients (images and learning rate) equal eager mode's, bit for bit (the
+    dCor term, outside the graph, is off: with it the sums only round differently, 2e-6)."""
+    params = _params(**{"experts.mtt.dsa_strategy": "crop", "distill.dcor_weight": 0.0})
+    method = build_method("mtt", params, prepared8, part2, CPU, teachers2)
+    syn = method.init_images().detach().clone().requires_grad_(True)
+    method.setup(syn)
+    static = StaticUnrolls(method, syn, capture=False)
+    for it in (0, 1):
+        eager = _grads_of_one_iteration(method, syn, None, it)
+        body = _grads_of_one_iteration(method, syn, static, it)
+        for a, b in zip(eager, body, strict=True):
+            assert torch.equal(b, a)
+        assert float(eager[1].abs().sum()) > 0 and float(eager[2].abs()) > 0
+
+
+def test_static_body_with_every_dsa_group_learns(prepared8, part2, teachers2) -> None:
+    """The full DSA strategy through the static body (each op gated on the device draw): finite
+    losses, gradients for the images and the learning rate, and steps that lower the objective."""
+    method = build_method("mtt", _params(), prepared8, part2, CPU, teachers2)
+    syn = method.init_images().detach().clone().requires_grad_(True)
+    method.setup(syn)
+    static = StaticUnrolls(method, syn, capture=False)
+    before = float(method.objective(syn, 0).detach())
+    for it in range(8):
+        method.opt_img.zero_grad(set_to_none=True)
+        method.opt_lr.zero_grad(set_to_none=True)
+        losses, g_syn, g_lr = _grads_of_one_iteration(method, syn, static, it)
+        assert torch.isfinite(losses).all() and float(g_syn.abs().sum()) > 0 and torch.isfinite(g_lr)
+        method.opt_img.step()
+        method.opt_lr.step()
+    assert float(method.objective(syn, 0).detach()) < before
+
+
+def test_cuda_graph_knob_is_eager_on_a_cpu(prepared8, part2, teachers2) -> None:
+    """``experts.mtt.cuda_graph`` only applies on CUDA: on a CPU the run is the eager one
+    (identical images) and logs ``cuda_graph`` 0; a graph cannot be asked for on a CPU."""
+    plain = run_distillation("mtt", _params(), prepared8, part2, CPU, trajectories=teachers2)
+    knob = run_distillation("mtt", _params(**{"experts.mtt.cuda_graph": True}), prepared8, part2, CPU,
+                            trajectories=teachers2)
+    assert torch.equal(knob.images, plain.images)
+    assert [row["cuda_graph"] for row in knob.history] == [0.0] * 4
+    method = build_method("mtt", _params(), prepared8, part2, CPU, teachers2)
+    with pytest.raises(ValueError, match="CUDA device"):
+        StaticUnrolls(method, method.init_images(), capture=True)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+def test_cuda_graph_replays_the_eager_body(prepared8, part2, teachers2) -> None:
+    """On CUDA: the captured graph, replayed for three iterations with new teachers, orders and
+    seeds, gives the eager body's losses and gradients (the graph reads the images and the
+    learning rate in place, so an update between replays is seen)."""
+    dev = torch.device("cuda")
+    method = build_method("mtt", _params(**{"experts.mtt.cuda_graph": True}), prepared8, part2, dev, teachers2)
+    syn = method.init_images().detach().clone().requires_grad_(True)
+    method.setup(syn)
+    eager, graph = StaticUnrolls(method, syn, capture=False), StaticUnrolls(method, syn, capture=True)
+    for it in range(3):
+        a = _grads_of_one_iteration(method, syn, eager, it)
+        b = _grads_of_one_iteration(method, syn, graph, it)
+        assert graph.graph is not None
+        for u, v in zip(a, b, strict=True):
+            assert float((u - v).norm() / u.norm().clamp_min(1e-12)) < 1e-3
+        with torch.no_grad():
+            syn.add_(0.01 * torch.randn_like(syn))
+            method.lr.mul_(1.1)
+
+
+@CUDA
+def test_cuda_graph_run_logs_replays_and_learns(prepared8, part2, teachers2) -> None:
+    """A distillation run with ``cuda_graph`` on CUDA replays the graph at every iteration and
+    learns (objective down, learning rate moved)."""
+    dev = torch.device("cuda")
+    params = _params(**{"experts.mtt.cuda_graph": True, "experts.mtt.iterations": 6})
+    res = run_distillation("mtt", params, prepared8, part2, dev, trajectories=teachers2)
+    assert [row["cuda_graph"] for row in res.history] == [1.0] * 6
+    assert res.history[-1]["match"] < res.history[0]["match"] and res.metas[0].learned_lr != 0.01

@@ -263,3 +263,37 @@ class DSA:
             g = int(torch.randint(len(self.groups), (1,), generator=host))
         group = self.groups[g]
         return self._op(group, x, self._draw(group, x.shape[0], x, generator))
+
+    def per_sample_static(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """:meth:`per_sample` with no host decision, for code captured in a CUDA graph.
+
+        The group is drawn on the device (uniform, one per call, as mode 'S'), the parameters of
+        EVERY group are drawn, and every group's op runs, gated by ``torch.where`` on the drawn
+        group: the kernels (and their order) are the same at every call, which a graph needs,
+        and the output is bitwise the drawn group's op on ``x`` (see :meth:`gated`). It costs
+        all the groups' ops per call, which only pays where launches, not arithmetic, bound
+        the step; with one group in the strategy it is :meth:`per_sample` without the host draw.
+
+        Args:
+            x: float images (N,C,H,W), any memory format.
+            generator: RNG on ``x``'s device (the group and the parameters).
+        """
+        n = x.shape[0]
+        if len(self.groups) == 1:
+            group = self.groups[0]
+            return self._op(group, x, self._draw(group, n, x, generator))
+        pick = torch.randint(len(self.groups), (1,), device=x.device, generator=generator)
+        return self.gated(x, pick, [self._draw(g, n, x, generator) for g in self.groups])
+
+    def gated(self, x: Tensor, pick: Tensor, prm: list[tuple[Tensor, ...]]) -> Tensor:
+        """Applies group ``groups[pick]`` (a device tensor of shape (1,)) with parameters ``prm``.
+
+        Every group's op runs in turn on the running result and is kept only where it is the
+        picked one; the groups before the picked one leave ``x`` untouched (``where`` copies its
+        other operand exactly) and the ones after it are discarded, so the result equals
+        ``_op(groups[pick], x, prm[pick])`` bit for bit, and gradients reach ``x`` through that op only.
+        """
+        out = x
+        for g, (group, p) in enumerate(zip(self.groups, prm, strict=True)):
+            out = torch.where((pick == g).view(1, 1, 1, 1), self._op(group, out, p), out)
+        return out

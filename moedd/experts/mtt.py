@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import resource
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +49,7 @@ from moedd.augment import DSA, DSAParams
 from moedd.config import ConfigError, MTTExpertConfig
 from moedd.device import memory_format_for
 from moedd.experts.base import DistillContext, ExpertMethod, RunSpec, frozen_random_net, register_expert
+from moedd.experts.mtt_graph import StaticUnrolls
 from moedd.moe import expert_dcor_loss
 
 # generator streams of one iteration (DistillContext.seed_for(it, stream)); all < 97 and distinct
@@ -139,6 +141,8 @@ class MatchingTrainingTrajectories(ExpertMethod):
         self.shapes = [p.shape for _, p in self.net.named_parameters()]
         self.numels = [p.numel() for _, p in self.net.named_parameters()]
         self.lr = torch.tensor(float(cfg.lr_teacher), device=ctx.device, requires_grad=True)
+        self._graphed: StaticUnrolls | None = None  # cuda_graph: built at the first step
+        self._graph_failed = False
         # The ZCA matrices (2 x 37.7 MB at 32x32x3) stay where they were loaded: only the real-image
         # initialisation uses them (apply() moves W to the images' device for that one call), and
         # keeping them on the GPU would add 75 MB to every MTT iteration's peak.
@@ -207,7 +211,7 @@ class MatchingTrainingTrajectories(ExpertMethod):
         return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes, strict=True)}
 
     def unroll(self, x: Tensor, y: Tensor, start: Tensor, target: Tensor, gen: torch.Generator,
-               order: Tensor, host: torch.Generator) -> Tensor:
+               order: Tensor, host: torch.Generator | None) -> Tensor:
         """The normalised parameter distance after ``syn_steps`` student steps from ``start``.
 
         Args:
@@ -215,7 +219,9 @@ class MatchingTrainingTrajectories(ExpertMethod):
             y: (n,) their labels.
             start, target: flat teacher parameters θ*_t and θ*_{t+M}.
             gen: device RNG for the augmentation's parameters.
-            host: CPU RNG for the augmentation's group of each step (no device sync).
+            host: CPU RNG for the augmentation's group of each step (no device sync); None
+                draws the group on the device with ``gen`` (``DSA.per_sample_static``: the same
+                kernels at every step, as a CUDA graph needs).
             order: (syn_steps·batch,) indices: step j uses order[j·batch:(j+1)·batch].
         """
         batch = min(self.cfg.batch_syn or len(y), len(y))
@@ -223,9 +229,11 @@ class MatchingTrainingTrajectories(ExpertMethod):
         theta = start.detach().clone().requires_grad_(True)
         for j in range(self.cfg.syn_steps):
             idx = order[j * batch:(j + 1) * batch]
-            xb = self.dsa.per_sample(x[idx], gen, host).contiguous(memory_format=fmt)
+            xb = x.index_select(0, idx)  # (its backward is an index_add: no sync, capturable)
+            xb = self.dsa.per_sample(xb, gen, host) if host is not None else self.dsa.per_sample_static(xb, gen)
+            xb = xb.contiguous(memory_format=fmt)
             out = functional_call(self.net, self.unflatten(theta), (xb,))
-            ce = F.cross_entropy(out, y[idx])
+            ce = F.cross_entropy(out, y.index_select(0, idx))
             (g,) = torch.autograd.grad(ce, theta, create_graph=True)
             theta = theta - self.lr * g
         return (theta - target).pow(2).sum() / (start - target).pow(2).sum()
@@ -252,8 +260,12 @@ class MatchingTrainingTrajectories(ExpertMethod):
         labels = ctx.labels()
         pick = torch.Generator().manual_seed(ctx.seed_for(it, _STREAM_PICK))  # host choices: no device sync
         gen, gen_order = ctx.generator(it, _STREAM_DSA), ctx.generator(it, _STREAM_ORDER)
-        losses, graphs = [], []
-        for k in range(ctx.noe):
+        losses: list[Tensor] = []
+        graphs: list[Tensor] = []
+        static = self._static_unrolls(syn) if backward else None
+        if static is not None:
+            losses = self._static_losses(static, syn, it)
+        for k in range(ctx.noe if not losses else 0):
             i = int(torch.randint(self.traj.count(k), (1,), generator=pick))
             t = int(torch.randint(cfg.max_start_epoch, (1,), generator=pick))
             traj = self.traj.load(k, i)
@@ -277,6 +289,48 @@ class MatchingTrainingTrajectories(ExpertMethod):
             dcor = dcor.detach()
         return torch.stack(losses), dcor, graphs
 
+    # ------------------------------------------------------------------ CUDA graph
+
+    def _static_unrolls(self, syn: Tensor) -> StaticUnrolls | None:
+        """The captured-graph runner when ``cuda_graph`` applies (a CUDA device), else None."""
+        if not self.cfg.cuda_graph or syn.device.type != "cuda" or self._graph_failed:
+            return None
+        if self._graphed is None or self._graphed.syn is not syn:
+            self._graphed = StaticUnrolls(self, syn, capture=True)
+        return self._graphed
+
+    def _static_losses(self, static: StaticUnrolls, syn: Tensor, it: int) -> list[Tensor]:
+        """The experts' losses of iteration ``it`` through ``static``; adds the gradients to
+        ``syn.grad`` and the learning rate's. Teacher, start epoch and order are drawn as in
+        eager mode; the augmentation from the graph's generator seeded with the DSA stream.
+
+        Returns an empty list when the graph cannot be captured (warned once; the run goes on
+        eagerly, with the same results up to the augmentation's random stream).
+        """
+        ctx, cfg = self.ctx, self.cfg
+        pick = torch.Generator().manual_seed(ctx.seed_for(it, _STREAM_PICK))
+        gen_order = ctx.generator(it, _STREAM_ORDER)
+        starts, targets, orders = [], [], []
+        for k in range(ctx.noe):
+            i = int(torch.randint(self.traj.count(k), (1,), generator=pick))
+            t = int(torch.randint(cfg.max_start_epoch, (1,), generator=pick))
+            traj = self.traj.load(k, i)
+            starts.append(traj[t])
+            targets.append(traj[t + cfg.expert_epochs])
+            orders.append(self._order(ctx.num_classes * ctx.ipc, gen_order))
+        start = torch.stack(starts).to(ctx.device, non_blocking=True)
+        target = torch.stack(targets).to(ctx.device, non_blocking=True)
+        try:
+            losses, g_syn, g_lr = static.run(start, target, torch.stack(orders), ctx.seed_for(it, _STREAM_DSA))
+        except (RuntimeError, AttributeError) as err:  # capture refused (e.g. an op that syncs)
+            self._graph_failed, self._graphed = True, None
+            warnings.warn(f"MTT: CUDA graph capture failed ({str(err).splitlines()[0]}); running eagerly",
+                          RuntimeWarning, stacklevel=2)
+            return []
+        for leaf, g in ((syn, g_syn), (self.lr, g_lr)):
+            leaf.grad = g.clone() if leaf.grad is None else leaf.grad + g
+        return list(losses.clone().unbind())
+
     def objective(self, syn: Tensor, it: int) -> Tensor:
         """The loss of iteration ``it`` at ``syn`` (same teachers, start epochs and augmentation
         as :meth:`step` draws), differentiable; for tests and diagnostics."""
@@ -293,6 +347,8 @@ class MatchingTrainingTrajectories(ExpertMethod):
         self.opt_lr.step()
         out = {"loss": match.sum() + ctx.dcor_weight * dcor, "match": match.sum(), "dcor": dcor,
                "lr": self.lr.detach().clone(), "peak_mem_gb": torch.tensor(peak_memory_gb(ctx.device))}
+        if self.cfg.cuda_graph:  # 1 when this iteration replayed the graph (0: eager, e.g. on a CPU)
+            out["cuda_graph"] = torch.tensor(float(self._graphed is not None and self._graphed.graph is not None))
         out.update({f"match_e{k}": match[k] for k in range(ctx.noe)})
         return out
 
