@@ -199,6 +199,12 @@ class IDCExpertConfig(_Section):
     """Classes whose gradients are matched in one grouped pass (None = all). The pass holds
     NoE x class_chunk x (batch_real + decoded images) activations, so the default keeps CIFAR-100's
     100 classes at CIFAR-10's memory (10 passes); raise it on a large GPU, lower it if short."""
+    cuda_graph: bool = False
+    """On a CUDA device, capture one inner step (matching phase and network update) as a CUDA
+    graph and replay it ``inner_loop`` times per outer iteration (``moedd.experts.idc_graph``):
+    one launch instead of thousands. CutMix's coin, λ and box are then drawn on the device (needs
+    ``mix_beta`` 1, i.e. λ ~ U(0, 1)). No effect on a CPU. Off by default until measured on a GPU
+    (benchmarks/README.md)."""
 
 
 class MTTExpertConfig(_Section):

@@ -196,3 +196,18 @@ def test_per_sample_static_draws_every_group_on_the_device() -> None:
     assert min(hits.values()) > 25, hits  # 50 expected per group
     crop = dsa("crop")
     assert torch.equal(crop.per_sample_static(x, gen(9)), crop.per_sample(x, gen(9), gen(0)))
+
+
+def test_static_units_equal_sorted_units() -> None:
+    """``apply_units(static=True)`` (each op gated per sample on the device: no host counts) gives
+    the result of the group-sorted path for per-sample and per-class units, gradients included."""
+    aug = dsa()
+    x = torch.randn(12, 3, 16, 16, requires_grad=True)
+    for unit, n_units in ((torch.arange(12), 12), (torch.arange(3).repeat_interleave(4), 3)):
+        draw = aug.draw_units(n_units, x, gen(4))
+        a, b = aug.apply_units(x, unit, draw), aug.apply_units(x, unit, draw, static=True)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+        w = torch.randn_like(a)
+        ga, gb = (torch.autograd.grad((t * w).sum(), x)[0] for t in (a, b))
+        torch.testing.assert_close(gb, ga, rtol=0, atol=1e-5)
+        assert torch.equal(aug.siamese(x, unit, n_units, gen(4)), a)

@@ -16,7 +16,10 @@ from moedd.data import make_partition
 from moedd.distill import build_method, run_distillation
 from moedd.evaluate import decode_quadrants
 from moedd.experts import EXPERTS
-from moedd.experts.idc import IDC, conv_weights, cutmix, decode, gradient_distance, grouped_gradient_distance
+from moedd.experts.idc import (IDC, IDCAugment, conv_weights, cutmix, cutmix_box, cutmix_static, decode, gradient_distance,
+                                grouped_gradient_distance)
+from moedd.config import ConfigError
+from moedd.experts.idc_graph import StaticInnerSteps
 from moedd.nets import create_net
 from moedd.nets.grouped import GroupedConvNet
 
@@ -107,7 +110,7 @@ def test_only_conv_weights_are_matched(tiny_prepared) -> None:
     net = m.fresh_net(0)
     convs = {id(mod.weight) for mod in net.modules() if isinstance(mod, nn.Conv2d)}
     assert {id(p) for p in conv_weights(net)} == convs and len(convs) == 3
-    m.match_aug = lambda x, unit, n, gen: x  # type: ignore[assignment]  # no augmentation
+    m.match_aug = IDCAugment("none")  # no augmentation
     syn = m.init_images().requires_grad_(True)
     idx = m.class_draw(0, 4, m.ctx.generator(0))[1]
     _, per_expert, _ = m.match_class(net, syn, 1, [idx], m.ctx.generator(0, 2))
@@ -266,7 +269,7 @@ def test_matching_phase_equals_idc_per_class_steps(tiny_prepared, net: str, chun
     m, _ = _method(tiny_prepared, **{"distill.net": net, "experts.idc.class_chunk": chunk, "distill.budget": 4,
                                      "experts.idc.match_pass": mode,
                                      "experts.idc.lr_img": 0.05, "distill.dcor_weight": 0.5})
-    m.match_aug = lambda x, unit, n, gen: x  # type: ignore[assignment]  # no augmentation: same batches
+    m.match_aug = IDCAugment("none")  # no augmentation: same batches
     init = m.init_images()
     syn = init.clone().requires_grad_(True)
     m.setup(syn)
@@ -306,3 +309,103 @@ def test_inner_steps_read_nothing_back_to_the_host(tiny_prepared, monkeypatch, m
             m.step(syn, 0)
         counts.append(reads.count)
     assert counts[0] == counts[1], counts
+
+
+def test_device_cutmix_box_is_the_host_rule() -> None:
+    """``cutmix_box`` (CutMix's box from device scalars, for a CUDA graph) marks exactly the
+    pixels :func:`cutmix` pastes for the same λ, centre and partner permutation, with the same r;
+    ``cutmix_static`` without the coin returns the batch itself and r = 1."""
+    x, y = torch.rand(8, 3, 32, 32), torch.arange(8)
+    for seed in range(30):
+        out, y_b, r = cutmix(x, y, 1.0, np.random.default_rng(seed), torch.Generator().manual_seed(seed))
+        rng = np.random.default_rng(seed)
+        lam = torch.tensor(rng.beta(1.0, 1.0), dtype=torch.float64)
+        centre = torch.tensor([int(rng.integers(32)), int(rng.integers(32))])
+        box = cutmix_box(32, 32, lam, centre, torch.tensor(True))
+        perm = torch.randperm(8, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(torch.where(box, x[perm], x), out) and torch.equal(y[perm], y_b)
+        assert abs((1.0 - float(box.sum()) / 1024) - r) < 1e-12
+    same, _, r1 = cutmix_static(x, y, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(same, x) and float(r1) == 1.0
+    mixed = [float(cutmix_static(x, y, 1.0, torch.Generator().manual_seed(s))[2]) for s in range(20)]
+    assert all(0.0 <= v <= 1.0 for v in mixed) and min(mixed) < 0.9
+
+
+def test_static_inner_steps_equal_eager_without_cutmix(tiny_prepared) -> None:
+    """The body a CUDA graph captures (one static network re-initialised in place, zeroed SGD
+    momentum, device-side CutMix, sums in buffers), run eagerly: with CutMix off it ends an outer
+    iteration exactly where eager IDC does (images, image momentum, logged metrics)."""
+    over = {"experts.idc.mix_p": 0.0, "distill.dcor_weight": 0.5, "distill.budget": 4}
+    out = {}
+    for mode in ("eager", "static"):
+        m, _ = _method(tiny_prepared, **over)
+        syn = m.init_images().requires_grad_(True)
+        m.setup(syn)
+        static = StaticInnerSteps(m, syn, capture=False) if mode == "static" else None
+        rows = [m.step(syn, it) if static is None else m._static_step(static, syn, it) for it in range(2)]
+        out[mode] = (syn.detach().clone(), m.opt.buf.clone(), rows)
+    (x_e, b_e, rows_e), (x_s, b_s, rows_s) = out["eager"], out["static"]
+    assert torch.equal(x_s, x_e) and torch.equal(b_s, b_e)
+    for re_, rs in zip(rows_e, rows_s, strict=True):
+        assert re_.keys() == rs.keys()
+        for k in re_:
+            assert torch.equal(rs[k], re_[k]), k
+
+
+def test_static_inner_steps_with_cutmix_learn(tiny_prepared) -> None:
+    """With device-side CutMix (mix_p 1) the static body still trains the network (accuracy
+    logged) and lowers the matching loss over outer iterations."""
+    m, _ = _method(tiny_prepared, **{"experts.idc.mix_p": 1.0, "experts.idc.inner_loop": 3})
+    syn = m.init_images().requires_grad_(True)
+    m.setup(syn)
+    static = StaticInnerSteps(m, syn, capture=False)
+    x0 = syn.detach().clone()
+    rows = [m._static_step(static, syn, it) for it in range(2)]
+    assert all(torch.isfinite(r["loss"]) and 0.0 <= float(r["net_acc"]) <= 1.0 for r in rows)
+    assert not torch.equal(syn.detach(), x0)
+
+
+def test_cuda_graph_needs_uniform_cutmix_and_is_eager_on_a_cpu(tiny_prepared) -> None:
+    with pytest.raises(ConfigError, match="mix_beta 1"):
+        _method(tiny_prepared, **{"experts.idc.cuda_graph": True, "experts.idc.mix_beta": 0.5})
+    m, _ = _method(tiny_prepared, **{"experts.idc.cuda_graph": True})
+    syn = m.init_images().requires_grad_(True)
+    m.setup(syn)
+    assert float(m.step(syn, 0)["cuda_graph"]) == 0.0
+    with pytest.raises(ValueError, match="CUDA device"):
+        StaticInnerSteps(m, syn, capture=True)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+def test_cuda_graph_replays_the_eager_inner_steps(tiny_prepared) -> None:
+    """On CUDA: two outer iterations of replayed inner steps end where the eager static body ends
+    (images and metrics; cuDNN sums in its own orders, so up to 1e-3 relative)."""
+    over = {"experts.idc.cuda_graph": True, "experts.idc.inner_loop": 3, "distill.dcor_weight": 0.5}
+    out = {}
+    for capture in (False, True):
+        params = tiny_params(**{**TINY, **over})
+        part = make_partition(tiny_prepared.train_labels, tiny_prepared.num_classes, 2, 0, tiny_prepared.digest)
+        m = build_method("idc", params, tiny_prepared, part, torch.device("cuda"))
+        syn = m.init_images().requires_grad_(True)
+        m.setup(syn)
+        static = StaticInnerSteps(m, syn, capture=capture)
+        rows = [m._static_step(static, syn, it) for it in range(2)]
+        assert (static.graph is not None) == capture
+        out[capture] = (syn.detach().clone(), rows)
+    (x_e, rows_e), (x_g, rows_g) = out[False], out[True]
+    assert float((x_g - x_e).norm() / x_e.norm()) < 1e-3
+    for re_, rg in zip(rows_e, rows_g, strict=True):
+        for k in ("loss", "match", "net_acc"):
+            assert abs(float(rg[k]) - float(re_[k])) <= 1e-3 * max(1.0, abs(float(re_[k]))), k
+
+
+@CUDA
+def test_cuda_graph_run_logs_replays(tiny_prepared) -> None:
+    params = tiny_params(**{**TINY, "experts.idc.cuda_graph": True, "experts.idc.iterations": 3})
+    part = make_partition(tiny_prepared.train_labels, tiny_prepared.num_classes, 2, 0, tiny_prepared.digest)
+    res = run_distillation("idc", params, tiny_prepared, part, torch.device("cuda"))
+    assert [row["cuda_graph"] for row in res.history] == [1.0] * 3
+    assert all(np.isfinite(row["loss"]) for row in res.history)

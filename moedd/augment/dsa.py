@@ -31,6 +31,10 @@ from torch import Tensor
 
 GROUPS: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
+UnitDraw = tuple[Tensor | None, list[tuple[Tensor, ...]]]
+"""One siamese draw: the group of each unit (None with a one-group strategy) and, per group of
+the strategy, its parameter tensors (one value per unit)."""
+
 
 @dataclass(frozen=True)
 class DSAParams:
@@ -233,14 +237,30 @@ class DSA:
         Returns:
             The augmented images, same shape and dtype as ``x``.
         """
-        n_groups = len(self.groups)
+        return self.apply_units(x, unit, self.draw_units(n_units, x, generator))
+
+    def draw_units(self, n_units: int, like: Tensor, generator: torch.Generator) -> UnitDraw:
+        """The group (when the strategy has several) and the parameters of ``n_units`` units,
+        for images shaped like ``like``; :meth:`apply_units` applies them to any batch of such
+        images (so real and synthetic batches can share one draw without replaying the RNG)."""
         g_unit = None
-        if n_groups > 1:
-            g_unit = torch.randint(n_groups, (n_units,), device=x.device, generator=generator)
-        prm = [tuple(t.index_select(0, unit) for t in self._draw(g, n_units, x, generator))
-               for g in self.groups]
+        if len(self.groups) > 1:
+            g_unit = torch.randint(len(self.groups), (n_units,), device=like.device, generator=generator)
+        return g_unit, [self._draw(g, n_units, like, generator) for g in self.groups]
+
+    def apply_units(self, x: Tensor, unit: Tensor, draw: UnitDraw, static: bool = False) -> Tensor:
+        """Applies a :meth:`draw_units` draw: sample i gets unit ``unit[i]``'s group and parameters.
+
+        ``static`` gates every group's op per sample (:meth:`gated`) instead of sorting the
+        samples by group, which needs the per-group counts on the host (a sync, and kernels that
+        change with the draw): same result, for code captured in a CUDA graph.
+        """
+        g_unit, prm_units = draw
+        prm = [tuple(t.index_select(0, unit) for t in p) for p in prm_units]
         if g_unit is None:
             return self._op(self.groups[0], x, prm[0])
+        if static:
+            return self.gated(x, g_unit.index_select(0, unit), prm)
         return self._apply(x, g_unit.index_select(0, unit), prm)
 
     def per_sample(self, x: Tensor, generator: torch.Generator, host: torch.Generator) -> Tensor:
@@ -286,7 +306,9 @@ class DSA:
         return self.gated(x, pick, [self._draw(g, n, x, generator) for g in self.groups])
 
     def gated(self, x: Tensor, pick: Tensor, prm: list[tuple[Tensor, ...]]) -> Tensor:
-        """Applies group ``groups[pick]`` (a device tensor of shape (1,)) with parameters ``prm``.
+        """Applies group ``groups[pick]`` with parameters ``prm``; ``pick`` is a device tensor of
+        shape (1,) (one group for the batch) or (N,) (one per sample: DSA's ops act on each
+        sample alone, so gating per sample gives each sample its own group's op).
 
         Every group's op runs in turn on the running result and is kept only where it is the
         picked one; the groups before the picked one leave ``x`` untouched (``where`` copies its
@@ -295,5 +317,5 @@ class DSA:
         """
         out = x
         for g, (group, p) in enumerate(zip(self.groups, prm, strict=True)):
-            out = torch.where((pick == g).view(1, 1, 1, 1), self._op(group, out, p), out)
+            out = torch.where((pick == g).view(-1, 1, 1, 1), self._op(group, out, p), out)
         return out

@@ -94,6 +94,7 @@ one draw per class-step; a different order of draws than before commit f23753a).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -103,10 +104,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moedd.augment import DSA, DSAParams
-from moedd.config import IDCExpertConfig
+from moedd.augment.dsa import UnitDraw
+from moedd.config import ConfigError, IDCExpertConfig
 from moedd.device import memory_format_for
-from moedd.experts.base import DistillContext, ExpertMethod, frozen_random_net, register_expert
+from moedd.experts.base import DistillContext, ExpertMethod, RunSpec, frozen_random_net, register_expert
 from moedd.experts.class_sgd import ClassSequentialSGD
+from moedd.experts.idc_graph import StaticInnerSteps
 from moedd.moe import expert_dcor_loss
 from moedd.nets.grouped import GroupedConvNet
 
@@ -203,15 +206,52 @@ def cutmix(x: Tensor, y: Tensor, beta: float, rng: np.random.Generator,
     return out, y[perm], ratio
 
 
+def cutmix_box(rows: int, cols: int, lam: Tensor, centre: Tensor, on: Tensor) -> Tensor:
+    """CutMix's box as a (rows, cols) bool mask from device scalars, by :func:`cutmix`'s rule.
+
+    Args:
+        lam: λ (0-dim); the box side ratio is sqrt(1 − λ), truncated to pixels.
+        centre: (2,) long, the box centre (row, column).
+        on: (0-dim bool) False gives an empty box (no mixing).
+    """
+    cut = (1.0 - lam).sqrt()
+    half_r, half_c = (rows * cut).floor().long() // 2, (cols * cut).floor().long() // 2
+    r0, r1 = (centre[0] - half_r).clamp(0, rows), (centre[0] + half_r).clamp(0, rows)
+    c0, c1 = (centre[1] - half_c).clamp(0, cols), (centre[1] + half_c).clamp(0, cols)
+    r = torch.arange(rows, device=lam.device)
+    c = torch.arange(cols, device=lam.device)
+    return ((r >= r0) & (r < r1))[:, None] & ((c >= c0) & (c < c1))[None, :] & on
+
+
+def cutmix_static(x: Tensor, y: Tensor, mix_p: float, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`cutmix` with its coin, λ and box drawn on the device (λ ~ Beta(1, 1) = U(0, 1)):
+    the same kernels whatever the draw, for code captured in a CUDA graph.
+
+    Returns:
+        The batch (mixed when the coin < ``mix_p``, else ``x`` itself, exactly), the partners'
+        labels and r (a 0-dim tensor; 1 without mixing, so r·CE(y) + (1 − r)·CE(y_perm) is CE(y)).
+    """
+    rows, cols = x.shape[-2], x.shape[-1]
+    u = torch.rand(2, generator=gen, device=x.device)  # coin, λ
+    centre = torch.stack([torch.randint(rows, (), generator=gen, device=x.device),
+                          torch.randint(cols, (), generator=gen, device=x.device)])
+    perm = torch.randperm(len(x), generator=gen, device=x.device)
+    box = cutmix_box(rows, cols, u[1], centre, u[0] < mix_p)
+    out = torch.where(box, x.index_select(0, perm), x)
+    ratio = 1.0 - box.sum().to(x.dtype) / (rows * cols)
+    return out, y.index_select(0, perm), ratio
+
+
 class IDCAugment:
     """IDC's DiffAug order on moedd's DSA ops: flip, color (always), one geometric op, cutout.
 
     Each stage draws its parameters per *unit* (``DSA.siamese``): unit = class for the siamese
-    matching augmentation, unit = sample for network training (IDC's ``batch=False``).
+    matching augmentation, unit = sample for network training (IDC's ``batch=False``). The
+    strategy "none" augments nothing.
     """
 
     def __init__(self, strategy: str) -> None:
-        groups = DSAParams(strategy=strategy).groups  # validates the names
+        groups = () if strategy == "none" else DSAParams(strategy=strategy).groups  # validates the names
         stages = [g for g in ("flip", "color") if g in groups]
         geo = [g for g in groups if g in _GEOMETRIC]
         if geo:
@@ -220,9 +260,17 @@ class IDCAugment:
             stages.append("cutout")
         self.stages = [DSA(DSAParams(strategy=s)) for s in stages]
 
-    def __call__(self, x: Tensor, unit: Tensor, n_units: int, gen: torch.Generator) -> Tensor:
-        for stage in self.stages:
-            x = stage.siamese(x, unit, n_units, gen)
+    def __call__(self, x: Tensor, unit: Tensor, n_units: int, gen: torch.Generator, static: bool = False) -> Tensor:
+        return self.apply(x, unit, self.draw(n_units, x, gen), static)
+
+    def draw(self, n_units: int, like: Tensor, gen: torch.Generator) -> list[UnitDraw]:
+        """Every stage's draw for ``n_units`` units (the same random stream as ``__call__``)."""
+        return [stage.draw_units(n_units, like, gen) for stage in self.stages]
+
+    def apply(self, x: Tensor, unit: Tensor, draws: list[UnitDraw], static: bool = False) -> Tensor:
+        """Applies :meth:`draw`'s draws; ``static``: no host decision (``DSA.apply_units``)."""
+        for stage, d in zip(self.stages, draws, strict=True):
+            x = stage.apply_units(x, unit, d, static)
         return x
 
 
@@ -253,11 +301,19 @@ class IDC(ExpertMethod):
         self.min_count = [int((t >= 0).sum(1).min()) for t in ctx.class_tables]
         # class ids on the device once: a host list copied per pass would sync a GPU's stream
         self.class_ids = torch.arange(ctx.num_classes, device=ctx.device)
+        self._graphed: StaticInnerSteps | None = None  # cuda_graph: built at the first step
+        self._graph_failed = False
         if ctx.noe == 1:
             self.pool_images, self.pool_labels = ctx.shard_images[0], ctx.shard_labels[0]
         else:  # the shared network trains on the union of the experts' shards
             self.pool_images = torch.cat(ctx.shard_images)
             self.pool_labels = torch.cat(ctx.shard_labels)
+
+    @classmethod
+    def check_inputs(cls, cfg: IDCExpertConfig, spec: RunSpec) -> None:  # type: ignore[override]
+        if cfg.cuda_graph and cfg.mix_beta != 1.0:
+            raise ConfigError(f"experts.idc.cuda_graph draws CutMix's λ on the device as U(0, 1), i.e. mix_beta 1; "
+                              f"got mix_beta {cfg.mix_beta} (set cuda_graph false)")
 
     @property
     def lr_img(self) -> float:
@@ -315,7 +371,7 @@ class IDC(ExpertMethod):
     # ------------------------------------------------------------ matching
 
     def match_class(self, net: nn.Module, syn: Tensor, c: int, real_idx: Sequence[Tensor],
-                    gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+                    gen: torch.Generator, static: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """The differentiable loss of class c for all experts.
 
         Args:
@@ -324,6 +380,7 @@ class IDC(ExpertMethod):
             c: the class.
             real_idx: per expert, shard-local indices of its real batch of class c.
             gen: device RNG (syn sub-sample, augmentation).
+            static: no host decision in the augmentation (for a captured CUDA graph).
 
         Returns:
             total = Σ_k L_c,k + λ·dCor_c, the per-expert losses (NoE,) and dCor_c (detached).
@@ -339,11 +396,10 @@ class IDC(ExpertMethod):
             dec, m = dec.index_select(1, keep), cfg.batch_syn_max
         syn_x = self.normalize(dec.flatten(0, 1))
         real_x = torch.cat([ctx.normalize(ctx.shard_images[k][i]) for k, i in enumerate(real_idx)])
-        state = gen.get_state()  # siamese: replay the draws so real and syn share the parameters
+        draws = self.match_aug.draw(1, syn_x, gen)  # siamese: real and syn share one draw
         with torch.no_grad():
-            real_x = self.match_aug(real_x, real_x.new_zeros(len(real_x), dtype=torch.long), 1, gen)
-        gen.set_state(state)
-        syn_x = self.match_aug(syn_x, syn_x.new_zeros(len(syn_x), dtype=torch.long), 1, gen)
+            real_x = self.match_aug.apply(real_x, real_x.new_zeros(len(real_x), dtype=torch.long), draws, static)
+        syn_x = self.match_aug.apply(syn_x, syn_x.new_zeros(len(syn_x), dtype=torch.long), draws, static)
         real_x, syn_x = real_x.contiguous(memory_format=cl), syn_x.contiguous(memory_format=cl)
         y_syn = torch.full((m,), c, dtype=torch.long, device=dev)
         losses, feats, start = [], [], 0
@@ -366,7 +422,7 @@ class IDC(ExpertMethod):
         return total, per_expert.detach(), dcor.detach()
 
     def match_classes(self, grouped: GroupedConvNet, syn: Tensor, classes: Sequence[int], draws: Sequence[Tensor],
-                      gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+                      gen: torch.Generator, static: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """The differentiable loss of several classes for all experts, in one grouped pass.
 
         Args:
@@ -375,6 +431,7 @@ class IDC(ExpertMethod):
             classes: the classes of this pass (consecutive ids).
             draws: per expert, (C, n) shard-local indices of its real batches.
             gen: device RNG (syn sub-sample, augmentation).
+            static: no host decision in the augmentation (for a captured CUDA graph).
 
         Returns:
             total = Σ_c Σ_k L_c,k + λ·Σ_c dCor_c, the losses (len(classes), NoE) and Σ_c dCor_c
@@ -383,7 +440,8 @@ class IDC(ExpertMethod):
         ctx, cfg = self.ctx, self.cfg
         dev, ipc, noe, cc, shape = ctx.device, ctx.ipc, ctx.noe, len(classes), ctx.image_shape
         n = draws[0].shape[1]
-        real_x = torch.cat([ctx.normalize(ctx.shard_images[k][d[list(classes)].flatten()]) for k, d in enumerate(draws)])
+        rows = slice(classes[0], classes[-1] + 1)  # consecutive ids (a host list would be copied to the device)
+        real_x = torch.cat([ctx.normalize(ctx.shard_images[k][d[rows].flatten()]) for k, d in enumerate(draws)])
         dec = torch.stack([decode(syn[:, c * ipc:(c + 1) * ipc], cfg.factor) for c in classes], 1)  # (NoE, cc, m, …)
         m = dec.shape[2]
         if m > cfg.batch_syn_max:  # one sub-sample per class for all experts: rows stay paired for dCor
@@ -391,11 +449,10 @@ class IDC(ExpertMethod):
             dec, m = torch.stack([dec[:, j].index_select(1, keep[j]) for j in range(cc)], 1), cfg.batch_syn_max
         syn_x = self.normalize(dec.flatten(0, 2))
         units = torch.arange(cc, device=dev)
-        state = gen.get_state()  # siamese: replay the draws so real and syn of a class share them
+        aug = self.match_aug.draw(cc, syn_x, gen)  # siamese: real and syn of a class share one draw
         with torch.no_grad():
-            real_x = self.match_aug(real_x, units.repeat_interleave(n).repeat(noe), cc, gen)
-        gen.set_state(state)
-        syn_x = self.match_aug(syn_x, units.repeat_interleave(m).repeat(noe), cc, gen)
+            real_x = self.match_aug.apply(real_x, units.repeat_interleave(n).repeat(noe), aug, static)
+        syn_x = self.match_aug.apply(syn_x, units.repeat_interleave(m).repeat(noe), aug, static)
         groups = noe * cc  # group k·cc + j: expert k, class classes[j]
         labels = self.class_ids[classes[0]:classes[-1] + 1].repeat(noe)  # classes: consecutive ids
         weights = grouped.replicate(groups)
@@ -411,9 +468,11 @@ class IDC(ExpertMethod):
             total = total + ctx.dcor_weight * dcor
         return total, dist.detach().t(), dcor.detach()
 
-    def match_phase(self, net: nn.Module, syn: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    def match_phase(self, net: nn.Module, syn: Tensor, gen: torch.Generator,
+                    static: bool = False) -> tuple[Tensor, Tensor]:
         """One matching phase: every class's loss and its image step, IDC's C sequential steps
         applied in closed form (the losses are taken where the sequential loop takes them).
+        ``static``: no host decision (for a captured CUDA graph; needs the grouped pass).
 
         Returns:
             matching losses per class and expert (C, NoE) and dCor summed over classes (detached).
@@ -431,9 +490,9 @@ class IDC(ExpertMethod):
         for c0 in range(0, ctx.num_classes, chunk):
             classes = list(range(c0, min(ctx.num_classes, c0 + chunk)))
             if grouped is not None:
-                total, pc, dc = self.match_classes(grouped, x, classes, draws, gen)
+                total, pc, dc = self.match_classes(grouped, x, classes, draws, gen, static)
             else:  # one class per pass (match_pass per_class; nets GroupedConvNet does not cover)
-                total, pe, dc = self.match_class(net, x, classes[0], [d[classes[0]] for d in draws], gen)
+                total, pe, dc = self.match_class(net, x, classes[0], [d[classes[0]] for d in draws], gen, static)
                 pc = pe.unsqueeze(0)
             (g,) = torch.autograd.grad(total, x)
             grad += g
@@ -445,8 +504,14 @@ class IDC(ExpertMethod):
     # ------------------------------------------------------------ network update
 
     def train_net(self, net: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-                  rng: np.random.Generator) -> tuple[Tensor, int]:
+                  rng: np.random.Generator | None, static_mix: torch.Generator | None = None) -> tuple[Tensor, int]:
         """``ceil(n_data / batch_real)`` SGD steps on real data (DiffAug per sample + CutMix).
+
+        Args:
+            rng: host RNG of CutMix's coin, λ and box (IDC's ``np.random``).
+            static_mix: instead of ``rng``, a device RNG for them (:func:`cutmix_static`, λ ~
+                U(0, 1)) and an augmentation without host decisions: the same kernels at every
+                step, for a captured CUDA graph.
 
         Returns:
             correctly classified samples (a device tensor: no sync) and samples seen.
@@ -464,8 +529,12 @@ class IDC(ExpertMethod):
             idx = order[s * b:(s + 1) * b]
             y = self.pool_labels[idx]
             with torch.no_grad():
-                x = self.net_aug(self.ctx.normalize(self.pool_images[idx]), unit, b, gen)
-            if rng.random() < cfg.mix_p:
+                x = self.net_aug(self.ctx.normalize(self.pool_images[idx]), unit, b, gen, static_mix is not None)
+            if static_mix is not None:
+                x, y_b, ratio = cutmix_static(x, y, cfg.mix_p, static_mix)
+                out = net(x.contiguous(memory_format=cl))
+                loss = ratio * F.cross_entropy(out, y) + (1.0 - ratio) * F.cross_entropy(out, y_b)
+            elif rng is not None and rng.random() < cfg.mix_p:
                 x, y_b, r = cutmix(x, y, cfg.mix_beta, rng, gen)
                 out = net(x.contiguous(memory_format=cl))
                 loss = r * F.cross_entropy(out, y) + (1.0 - r) * F.cross_entropy(out, y_b)
@@ -482,6 +551,11 @@ class IDC(ExpertMethod):
 
     def step(self, syn: Tensor, it: int) -> Mapping[str, Tensor]:
         ctx, cfg = self.ctx, self.cfg
+        static = self._static_steps(syn)
+        if static is not None:
+            out = self._static_step(static, syn, it)
+            if out is not None:
+                return out
         with torch.no_grad():
             syn.clamp_(0.0, 1.0)
         net = self.fresh_net(it)
@@ -500,8 +574,14 @@ class IDC(ExpertMethod):
             ok, n = self.train_net(net, net_opt, gen_net, rng)
             correct += ok
             seen += n
-        per_class /= cfg.inner_loop
-        dcor /= cfg.inner_loop
+        return self._summary(per_class, dcor, correct, seen, graph=False)
+
+    def _summary(self, per_class: Tensor, dcor: Tensor, correct: Tensor, seen: int,
+                 graph: bool) -> dict[str, Tensor]:
+        """The logged metrics of an outer iteration from its sums over the inner steps (new tensors)."""
+        ctx, cfg = self.ctx, self.cfg
+        per_class = per_class / cfg.inner_loop
+        dcor = dcor / cfg.inner_loop
         per_expert = per_class.sum(0)
         match = per_expert.sum()
         out = {"loss": match + ctx.dcor_weight * dcor, "match": match, "dcor": dcor,
@@ -509,7 +589,38 @@ class IDC(ExpertMethod):
         out.update({f"match_e{k}": per_expert[k] for k in range(ctx.noe)})
         # IDC's own diagnostic: the matching loss of every class (summed over experts)
         out.update({f"match_c{c}": v for c, v in enumerate(per_class.sum(1))})
+        if cfg.cuda_graph:  # 1 when this outer iteration replayed the graph (0: eager, e.g. on a CPU)
+            out["cuda_graph"] = torch.tensor(float(graph))
         return out
+
+    # ------------------------------------------------------------ CUDA graph
+
+    def _static_steps(self, syn: Tensor) -> StaticInnerSteps | None:
+        """The captured-graph runner when ``cuda_graph`` applies (a CUDA device), else None."""
+        if not self.cfg.cuda_graph or syn.device.type != "cuda" or self._graph_failed:
+            return None
+        if self._graphed is None or self._graphed.syn is not syn:
+            self._graphed = StaticInnerSteps(self, syn, capture=True)
+        return self._graphed
+
+    def _static_step(self, static: StaticInnerSteps, syn: Tensor, it: int) -> dict[str, Tensor] | None:
+        """Outer iteration ``it`` through ``static`` (graph replays); None when the graph cannot be
+        captured (warned once; nothing was changed, and the run goes on eagerly)."""
+        with torch.no_grad():
+            syn.clamp_(0.0, 1.0)
+        static.begin(it)
+        for j in range(self.cfg.inner_loop):
+            try:
+                static.step()
+            except (RuntimeError, AttributeError) as err:
+                if j > 0 or not static.capture or static.graph is not None:
+                    raise  # a failed replay: not a capture problem
+                self._graph_failed, self._graphed = True, None
+                warnings.warn(f"IDC: CUDA graph capture failed ({str(err).splitlines()[0]}); running eagerly",
+                              RuntimeWarning, stacklevel=2)
+                return None
+        seen = static.seen_per_step * self.cfg.inner_loop
+        return self._summary(static.per_class, static.dcor, static.correct, seen, graph=static.graph is not None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"opt": self.opt.state_dict()}
