@@ -129,3 +129,28 @@ def device_read_backs(monkeypatch: pytest.MonkeyPatch) -> DeviceReadBacks:
 
     monkeypatch.setattr(DistillContext, "generator", recording)
     return DeviceReadBacks(seeds)
+
+
+class CaptureBlockers(TorchDispatchMode):
+    """Records ops that a CUDA graph cannot capture, as a CPU proxy for code meant to be captured:
+    reads of values into host scalars (``.item()``, ``int(t)``, ``bool(t)``), ops whose output
+    size depends on values (``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``)
+    and tensors made from host data (``torch.tensor(list)``, copied to the device each call)."""
+
+    BLOCKING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.lift_fresh",
+                "aten._unique", "aten.unique", "aten.bincount")
+    """(``bincount`` sizes its output by the largest value: a read-back on CUDA. ``Tensor.tolist``
+    is not dispatched on the CPU, so it is not seen here; it comes with a ``bincount`` in moedd.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = str(func)
+        if name.startswith(self.BLOCKING):
+            self.found.append(name)
+        if func is torch.ops.aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1]):
+            self.found.append("boolean-mask indexing")
+        return func(*args, **(kwargs or {}))

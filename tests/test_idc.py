@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moedd.experts.idc  # noqa: F401  (registers "idc" until moedd.experts imports it)
-from conftest import device_read_backs, interrupted_then_resumed, tiny_params
+from conftest import CaptureBlockers, device_read_backs, interrupted_then_resumed, tiny_params
 from moedd.data import make_partition
 from moedd.distill import build_method, run_distillation
 from moedd.evaluate import decode_quadrants
@@ -363,6 +363,26 @@ def test_static_inner_steps_with_cutmix_learn(tiny_prepared) -> None:
     rows = [m._static_step(static, syn, it) for it in range(2)]
     assert all(torch.isfinite(r["loss"]) and 0.0 <= float(r["net_acc"]) <= 1.0 for r in rows)
     assert not torch.equal(syn.detach(), x0)
+
+
+def test_static_inner_step_has_nothing_a_cuda_graph_cannot_capture(tiny_prepared) -> None:
+    """The captured body, with several geometric ops per strategy (so the per-unit gated DSA path
+    runs) and CutMix on: no host reads, value-dependent shapes or host data (CPU proxy of
+    capturability; the eager path sorts samples by group, which reads counts back)."""
+    m, _ = _method(tiny_prepared, **{"experts.idc.mix_p": 1.0, "distill.dcor_weight": 0.5,
+                                     "experts.idc.match_dsa_strategy": "color_crop_cutout_flip_scale_rotate",
+                                     "experts.idc.net_dsa_strategy": "color_crop_scale_rotate"})
+    syn = m.init_images().requires_grad_(True)
+    m.setup(syn)
+    static = StaticInnerSteps(m, syn, capture=False)
+    static.begin(0)
+    with CaptureBlockers() as blockers:
+        static.step()
+    assert blockers.found == [] and int(static.correct) >= 0
+    with CaptureBlockers() as blockers:  # the check itself: the eager update counts samples per group
+        net = m.fresh_net(0)
+        m.train_net(net, torch.optim.SGD(net.parameters(), lr=0.01), m.ctx.generator(0, 3), np.random.default_rng(0))
+    assert "aten.bincount.default" in blockers.found
 
 
 def test_cuda_graph_needs_uniform_cutmix_and_is_eager_on_a_cpu(tiny_prepared) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import device_read_backs, interrupted_then_resumed, tiny_params
+from conftest import CaptureBlockers, device_read_backs, interrupted_then_resumed, tiny_params
 from moedd.config import ConfigError
 from moedd.data import load_prepared, load_source, make_partition, save_prepared
 from moedd.distill import build_method, run_distillation, validate_run
@@ -239,6 +239,21 @@ def test_static_body_with_every_dsa_group_learns(prepared8, part2, teachers2) ->
         method.opt_img.step()
         method.opt_lr.step()
     assert float(method.objective(syn, 0).detach()) < before
+
+
+def test_static_body_has_nothing_a_cuda_graph_cannot_capture(prepared8, part2, teachers2) -> None:
+    """The captured body (full DSA strategy, so the gated ops run) reads no value back to the
+    host, makes no value-dependent shapes and copies no host data (CPU proxy of capturability)."""
+    method = build_method("mtt", _params(), prepared8, part2, CPU, teachers2)
+    syn = method.init_images().detach().clone().requires_grad_(True)
+    method.setup(syn)
+    static = StaticUnrolls(method, syn, capture=False)
+    start = torch.stack([teachers2.load(k, 0)[0] for k in range(2)])
+    target = torch.stack([teachers2.load(k, 0)[1] for k in range(2)])
+    order = torch.stack([method._order(len(static.labels), torch.Generator().manual_seed(k)) for k in range(2)])
+    with CaptureBlockers() as blockers:
+        losses, g_syn, _ = static.run(start, target, order, seed=3)
+    assert blockers.found == [] and torch.isfinite(losses).all() and float(g_syn.abs().sum()) > 0
 
 
 def test_cuda_graph_knob_is_eager_on_a_cpu(prepared8, part2, teachers2) -> None:
