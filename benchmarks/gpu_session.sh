@@ -138,7 +138,7 @@ phase_bench() {  # the benchmark table on this device, next to the reference cod
     --reference-idc $R/idc --reference-mtt $R/mtt --json bench-cuda.json "${BENCH[@]}" ${BENCH_ARGS:-}
 }
 phase_graphtests() {  # the CUDA-only tests: MTT's captured graph replays its eager body (needs pytest in .whl)
-  step graphtests 60 180 python3 -m pytest -q -p no:cacheprovider tests/test_mtt.py tests/test_idc.py -k cuda_graph -rs
+  step graphtests 60 180 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_mtt.py tests/test_idc.py -k cuda_graph -rs
 }
 phase_profile() {  # where one IDC inner step and one MTT iteration spend their time (GPU busy share, launches)
   step profile 90 200 python3 benchmarks/bench.py --device "$DEVICE" --only none --profile idc,mtt \

@@ -33,13 +33,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from moedd.graphs import capture
+
 if TYPE_CHECKING:
     from moedd.experts.idc import IDC
-
-WARMUP_RUNS = 2
-"""Eager runs of the body on a side stream before capture (PyTorch's rule: lazy initialisation,
-cuDNN's autotuning and the optimiser's state must exist before capturing); their effects on the
-images, the network and the accumulators are undone."""
 
 STREAM_MATCH, STREAM_NET, STREAM_MIX = 2, 3, 4
 """The generator streams of an outer iteration (as in eager IDC; stream 4 seeds its host CutMix)."""
@@ -116,24 +113,13 @@ class StaticInnerSteps:
                 self.per_class, self.dcor, self.correct]
 
     def _capture(self) -> None:
-        """Warm-up runs on a side stream (then undone), then the capture (which runs nothing).
-        On failure the state is restored before the error propagates, so eager mode can go on."""
+        """Warm-up runs (then undone) and the capture (which runs nothing itself), by
+        :func:`moedd.graphs.capture`. On failure the state is restored before the error
+        propagates, so eager mode can go on."""
         saved = [t.detach().clone() for t in self._state()]
-        dev = self.syn.device
         try:
-            side = torch.cuda.Stream(device=dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_RUNS):
-                    self.body()
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            for g in self.gens.values():
-                graph.register_generator_state(g)
-            self._restore(saved)
-            with torch.cuda.graph(graph):
-                self.body()
-            self.graph = graph
+            self.graph, _ = capture(self.body, list(self.gens.values()), self.syn.device,
+                                    before_capture=lambda: self._restore(saved))
         finally:
             self._restore(saved)
 

@@ -32,12 +32,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from moedd.graphs import capture
+
 if TYPE_CHECKING:
     from moedd.experts.mtt import MatchingTrainingTrajectories
-
-WARMUP_RUNS = 2
-"""Eager runs of the body on a side stream before capture (PyTorch's rule: lazy initialisation,
-cuDNN's autotuning and autograd's workspace must not happen while capturing)."""
 
 
 class StaticUnrolls:
@@ -110,17 +108,7 @@ class StaticUnrolls:
         return self.outputs
 
     def _capture(self, seed: int) -> None:
-        """Warm-up runs on a side stream, then the capture (which runs nothing itself)."""
-        side = torch.cuda.Stream(device=self.syn.device)
-        side.wait_stream(torch.cuda.current_stream(self.syn.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                self.gen.manual_seed(seed)
-                self.body()
-        torch.cuda.current_stream(self.syn.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.gen)
+        """Warm-up runs, then the capture (which runs nothing itself): :func:`moedd.graphs.capture`."""
         self.gen.manual_seed(seed)
-        with torch.cuda.graph(graph):
-            outputs = self.body()
-        self.graph, self.outputs = graph, outputs
+        self.graph, self.outputs = capture(self.body, [self.gen], self.syn.device,
+                                           before_capture=lambda: self.gen.manual_seed(seed))
