@@ -12,8 +12,9 @@ instead of silently repeating one augmentation at every iteration.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import torch
 
@@ -25,6 +26,59 @@ initialisation, cuDNN's autotuning and autograd's and the optimisers' state must
 happen while capturing)."""
 
 _RNG_CHECKED: set[int] = set()
+
+
+class GraphRunner:
+    """Base of the experts' graph runners: the images they work on, whether they capture, the graph.
+
+    Args:
+        syn: the expert's images, a leaf updated in place (the graph reads it by address).
+        capture: capture a CUDA graph and replay it; False runs the body eagerly (any device).
+    """
+
+    def __init__(self, syn: torch.Tensor, capture: bool) -> None:
+        if capture and syn.device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs a CUDA device, the images are on {syn.device}")
+        self.syn, self.capture = syn, capture
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+
+R = TypeVar("R", bound=GraphRunner)
+
+
+class RunnerSlot(Generic[R]):
+    """An expert's graph runner: built on first use where ``cuda_graph`` applies (a CUDA device),
+    rebuilt for other images, and off for good after a failed capture (warned once).
+
+    Args:
+        enabled: the expert's ``cuda_graph`` setting.
+        build: makes a capturing runner for the given images.
+        name: the method, for the warning.
+    """
+
+    def __init__(self, enabled: bool, build: Callable[[torch.Tensor], R], name: str) -> None:
+        self.enabled, self.build, self.name = enabled, build, name
+        self.runner: R | None = None
+        self.failed = False
+
+    def get(self, syn: torch.Tensor) -> R | None:
+        """The runner for ``syn``, or None when graphs do not apply (off, not CUDA, failed)."""
+        if not self.enabled or syn.device.type != "cuda" or self.failed:
+            return None
+        if self.runner is None or self.runner.syn is not syn:
+            self.runner = self.build(syn)
+        return self.runner
+
+    def fail(self, err: BaseException) -> None:
+        """Turns graphs off for this run after a failed capture, with a warning that says why."""
+        self.failed, self.runner = True, None
+        warnings.warn(f"{self.name}: CUDA graph capture failed ({str(err).splitlines()[0]}); running eagerly",
+                      RuntimeWarning, stacklevel=3)
+
+    @property
+    def replaying(self) -> bool:
+        """True when the current runner has a captured graph (the ``cuda_graph`` metric)."""
+        return self.runner is not None and self.runner.graph is not None
 
 
 def capture(body: Callable[[], T], generators: Sequence[torch.Generator], device: torch.device,

@@ -94,7 +94,6 @@ one draw per class-step; a different order of draws than before commit f23753a).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -110,6 +109,7 @@ from moedd.device import memory_format_for
 from moedd.experts.base import DistillContext, ExpertMethod, RunSpec, frozen_random_net, register_expert
 from moedd.experts.class_sgd import ClassSequentialSGD
 from moedd.experts.idc_graph import StaticInnerSteps
+from moedd.graphs import RunnerSlot
 from moedd.moe import expert_dcor_loss
 from moedd.nets.grouped import GroupedConvNet
 
@@ -301,8 +301,7 @@ class IDC(ExpertMethod):
         self.min_count = [int((t >= 0).sum(1).min()) for t in ctx.class_tables]
         # class ids on the device once: a host list copied per pass would sync a GPU's stream
         self.class_ids = torch.arange(ctx.num_classes, device=ctx.device)
-        self._graphed: StaticInnerSteps | None = None  # cuda_graph: built at the first step
-        self._graph_failed = False
+        self.graphs = RunnerSlot(cfg.cuda_graph, lambda syn: StaticInnerSteps(self, syn, capture=True), "IDC")
         if ctx.noe == 1:
             self.pool_images, self.pool_labels = ctx.shard_images[0], ctx.shard_labels[0]
         else:  # the shared network trains on the union of the experts' shards
@@ -551,7 +550,7 @@ class IDC(ExpertMethod):
 
     def step(self, syn: Tensor, it: int) -> Mapping[str, Tensor]:
         ctx, cfg = self.ctx, self.cfg
-        static = self._static_steps(syn)
+        static = self.graphs.get(syn)
         if static is not None:
             out = self._static_step(static, syn, it)
             if out is not None:
@@ -595,14 +594,6 @@ class IDC(ExpertMethod):
 
     # ------------------------------------------------------------ CUDA graph
 
-    def _static_steps(self, syn: Tensor) -> StaticInnerSteps | None:
-        """The captured-graph runner when ``cuda_graph`` applies (a CUDA device), else None."""
-        if not self.cfg.cuda_graph or syn.device.type != "cuda" or self._graph_failed:
-            return None
-        if self._graphed is None or self._graphed.syn is not syn:
-            self._graphed = StaticInnerSteps(self, syn, capture=True)
-        return self._graphed
-
     def _static_step(self, static: StaticInnerSteps, syn: Tensor, it: int) -> dict[str, Tensor] | None:
         """Outer iteration ``it`` through ``static`` (graph replays); None when the graph cannot be
         captured (warned once; nothing was changed, and the run goes on eagerly)."""
@@ -615,9 +606,7 @@ class IDC(ExpertMethod):
             except (RuntimeError, AttributeError) as err:
                 if j > 0 or not static.capture or static.graph is not None:
                     raise  # a failed replay: not a capture problem
-                self._graph_failed, self._graphed = True, None
-                warnings.warn(f"IDC: CUDA graph capture failed ({str(err).splitlines()[0]}); running eagerly",
-                              RuntimeWarning, stacklevel=2)
+                self.graphs.fail(err)
                 return None
         seen = static.seen_per_step * self.cfg.inner_loop
         return self._summary(static.per_class, static.dcor, static.correct, seen, graph=static.graph is not None)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from moedd.graphs import capture
+from moedd.graphs import GraphRunner, capture
 
 if TYPE_CHECKING:
     from moedd.experts.idc import IDC
@@ -42,7 +42,7 @@ STREAM_MATCH, STREAM_NET, STREAM_MIX = 2, 3, 4
 """The generator streams of an outer iteration (as in eager IDC; stream 4 seeds its host CutMix)."""
 
 
-class StaticInnerSteps:
+class StaticInnerSteps(GraphRunner):
     """IDC's inner steps of every outer iteration, on static tensors (capturable).
 
     Args:
@@ -53,11 +53,10 @@ class StaticInnerSteps:
     """
 
     def __init__(self, method: IDC, syn: Tensor, capture: bool) -> None:
+        super().__init__(syn, capture)
         ctx, cfg = method.ctx, method.cfg
         dev = syn.device
-        if capture and dev.type != "cuda":
-            raise ValueError(f"a CUDA graph needs a CUDA device, the images are on {dev}")
-        self.method, self.syn, self.capture = method, syn, capture
+        self.method = method
         self.net = method.fresh_net(0)
         self.opt = torch.optim.SGD(self.net.parameters(), lr=cfg.net_lr, momentum=cfg.net_momentum,
                                    weight_decay=cfg.net_weight_decay)
@@ -69,7 +68,6 @@ class StaticInnerSteps:
         self.dcor = torch.zeros((), device=dev)
         self.correct = torch.zeros((), dtype=torch.long, device=dev)
         self.seen_per_step = cfg.batch_real * -(-cfg.n_data // cfg.batch_real)
-        self.graph: torch.cuda.CUDAGraph | None = None
         self._it = 0
 
     def begin(self, it: int) -> None:

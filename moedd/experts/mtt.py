@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import resource
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +49,7 @@ from moedd.config import ConfigError, MTTExpertConfig
 from moedd.device import memory_format_for
 from moedd.experts.base import DistillContext, ExpertMethod, RunSpec, frozen_random_net, register_expert
 from moedd.experts.mtt_graph import StaticUnrolls
+from moedd.graphs import RunnerSlot
 from moedd.moe import expert_dcor_loss
 
 # generator streams of one iteration (DistillContext.seed_for(it, stream)); all < 97 and distinct
@@ -141,8 +141,7 @@ class MatchingTrainingTrajectories(ExpertMethod):
         self.shapes = [p.shape for _, p in self.net.named_parameters()]
         self.numels = [p.numel() for _, p in self.net.named_parameters()]
         self.lr = torch.tensor(float(cfg.lr_teacher), device=ctx.device, requires_grad=True)
-        self._graphed: StaticUnrolls | None = None  # cuda_graph: built at the first step
-        self._graph_failed = False
+        self.graphs = RunnerSlot(cfg.cuda_graph, lambda syn: StaticUnrolls(self, syn, capture=True), "MTT")
         # The ZCA matrices (2 x 37.7 MB at 32x32x3) stay where they were loaded: only the real-image
         # initialisation uses them (apply() moves W to the images' device for that one call), and
         # keeping them on the GPU would add 75 MB to every MTT iteration's peak.
@@ -262,7 +261,7 @@ class MatchingTrainingTrajectories(ExpertMethod):
         gen, gen_order = ctx.generator(it, _STREAM_DSA), ctx.generator(it, _STREAM_ORDER)
         losses: list[Tensor] = []
         graphs: list[Tensor] = []
-        static = self._static_unrolls(syn) if backward else None
+        static = self.graphs.get(syn) if backward else None
         if static is not None:
             losses = self._static_losses(static, syn, it)
         for k in range(ctx.noe if not losses else 0):
@@ -291,14 +290,6 @@ class MatchingTrainingTrajectories(ExpertMethod):
 
     # ------------------------------------------------------------------ CUDA graph
 
-    def _static_unrolls(self, syn: Tensor) -> StaticUnrolls | None:
-        """The captured-graph runner when ``cuda_graph`` applies (a CUDA device), else None."""
-        if not self.cfg.cuda_graph or syn.device.type != "cuda" or self._graph_failed:
-            return None
-        if self._graphed is None or self._graphed.syn is not syn:
-            self._graphed = StaticUnrolls(self, syn, capture=True)
-        return self._graphed
-
     def _static_losses(self, static: StaticUnrolls, syn: Tensor, it: int) -> list[Tensor]:
         """The experts' losses of iteration ``it`` through ``static``; adds the gradients to
         ``syn.grad`` and the learning rate's. Teacher, start epoch and order are drawn as in
@@ -323,9 +314,7 @@ class MatchingTrainingTrajectories(ExpertMethod):
         try:
             losses, g_syn, g_lr = static.run(start, target, torch.stack(orders), ctx.seed_for(it, _STREAM_DSA))
         except (RuntimeError, AttributeError) as err:  # capture refused (e.g. an op that syncs)
-            self._graph_failed, self._graphed = True, None
-            warnings.warn(f"MTT: CUDA graph capture failed ({str(err).splitlines()[0]}); running eagerly",
-                          RuntimeWarning, stacklevel=2)
+            self.graphs.fail(err)
             return []
         for leaf, g in ((syn, g_syn), (self.lr, g_lr)):
             leaf.grad = g.clone() if leaf.grad is None else leaf.grad + g
@@ -348,7 +337,7 @@ class MatchingTrainingTrajectories(ExpertMethod):
         out = {"loss": match.sum() + ctx.dcor_weight * dcor, "match": match.sum(), "dcor": dcor,
                "lr": self.lr.detach().clone(), "peak_mem_gb": torch.tensor(peak_memory_gb(ctx.device))}
         if self.cfg.cuda_graph:  # 1 when this iteration replayed the graph (0: eager, e.g. on a CPU)
-            out["cuda_graph"] = torch.tensor(float(self._graphed is not None and self._graphed.graph is not None))
+            out["cuda_graph"] = torch.tensor(float(self.graphs.replaying))
         out.update({f"match_e{k}": match[k] for k in range(ctx.noe)})
         return out
 

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from moedd.graphs import capture
+from moedd.graphs import GraphRunner, capture
 
 if TYPE_CHECKING:
     from moedd.experts.mtt import MatchingTrainingTrajectories
 
 
-class StaticUnrolls:
+class StaticUnrolls(GraphRunner):
     """Every expert's unrolled loss and its gradients, from static buffers (capturable).
 
     Args:
@@ -49,11 +49,10 @@ class StaticUnrolls:
     """
 
     def __init__(self, method: MatchingTrainingTrajectories, syn: Tensor, capture: bool) -> None:
+        super().__init__(syn, capture)
         ctx, cfg = method.ctx, method.cfg
         dev = syn.device
-        if capture and dev.type != "cuda":
-            raise ValueError(f"a CUDA graph needs a CUDA device, the images are on {dev}")
-        self.method, self.syn, self.capture = method, syn, capture
+        self.method = method
         n = ctx.num_classes * ctx.ipc
         batch = min(cfg.batch_syn or n, n)
         params = sum(method.numels)
@@ -62,7 +61,6 @@ class StaticUnrolls:
         self.target = torch.zeros(ctx.noe, params, device=dev)
         self.order = torch.zeros(ctx.noe, cfg.syn_steps * batch, dtype=torch.long, device=dev)
         self.gen = torch.Generator(device=dev)
-        self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[Tensor, Tensor, Tensor] | None = None
 
     def body(self) -> tuple[Tensor, Tensor, Tensor]:
