@@ -237,6 +237,14 @@ class MatchingTrainingTrajectories(ExpertMethod):
             theta = theta - self.lr * g
         return (theta - target).pow(2).sum() / (start - target).pow(2).sum()
 
+    def _teacher_pair(self, k: int, pick: torch.Generator) -> tuple[Tensor, Tensor]:
+        """θ*_t and θ*_{t+M} (host tensors) of a random teacher of shard k at a random start epoch
+        t, both drawn from the host generator ``pick``."""
+        i = int(torch.randint(self.traj.count(k), (1,), generator=pick))
+        t = int(torch.randint(self.cfg.max_start_epoch, (1,), generator=pick))
+        traj = self.traj.load(k, i)
+        return traj[t], traj[t + self.cfg.expert_epochs]
+
     def _order(self, n: int, gen: torch.Generator) -> Tensor:
         """Minibatch order of one unroll: consecutive random permutations (MTT's index chunks)."""
         batch = min(self.cfg.batch_syn or n, n)
@@ -255,7 +263,7 @@ class MatchingTrainingTrajectories(ExpertMethod):
             per-expert losses (NoE,) and dCor (both detached when ``backward``), and the
             differentiable totals (empty when ``backward``).
         """
-        ctx, cfg = self.ctx, self.cfg
+        ctx = self.ctx
         labels = ctx.labels()
         pick = torch.Generator().manual_seed(ctx.seed_for(it, _STREAM_PICK))  # host choices: no device sync
         gen, gen_order = ctx.generator(it, _STREAM_DSA), ctx.generator(it, _STREAM_ORDER)
@@ -264,18 +272,15 @@ class MatchingTrainingTrajectories(ExpertMethod):
         static = self.graphs.get(syn) if backward else None
         if static is not None:
             losses = self._static_losses(static, syn, it)
-        for k in range(ctx.noe if not losses else 0):
-            i = int(torch.randint(self.traj.count(k), (1,), generator=pick))
-            t = int(torch.randint(cfg.max_start_epoch, (1,), generator=pick))
-            traj = self.traj.load(k, i)
-            start = traj[t].to(ctx.device)
-            target = traj[t + cfg.expert_epochs].to(ctx.device)
-            loss = self.unroll(syn[k], labels, start, target, gen, self._order(len(labels), gen_order), pick)
-            if backward:
-                loss.backward()
-            else:
-                graphs.append(loss)
-            losses.append(loss.detach())
+        if not losses:  # eager (also after a failed capture)
+            for k in range(ctx.noe):
+                start, target = (p.to(ctx.device) for p in self._teacher_pair(k, pick))
+                loss = self.unroll(syn[k], labels, start, target, gen, self._order(len(labels), gen_order), pick)
+                if backward:
+                    loss.backward()
+                else:
+                    graphs.append(loss)
+                losses.append(loss.detach())
         dcor = torch.zeros((), device=ctx.device)
         if ctx.dcor_weight > 0 and ctx.noe > 1:
             net = frozen_random_net(ctx, it, stream=_STREAM_DCOR_NET)
@@ -298,21 +303,14 @@ class MatchingTrainingTrajectories(ExpertMethod):
         Returns an empty list when the graph cannot be captured (warned once; the run goes on
         eagerly, with the same results up to the augmentation's random stream).
         """
-        ctx, cfg = self.ctx, self.cfg
+        ctx = self.ctx
         pick = torch.Generator().manual_seed(ctx.seed_for(it, _STREAM_PICK))
         gen_order = ctx.generator(it, _STREAM_ORDER)
-        starts, targets, orders = [], [], []
-        for k in range(ctx.noe):
-            i = int(torch.randint(self.traj.count(k), (1,), generator=pick))
-            t = int(torch.randint(cfg.max_start_epoch, (1,), generator=pick))
-            traj = self.traj.load(k, i)
-            starts.append(traj[t])
-            targets.append(traj[t + cfg.expert_epochs])
-            orders.append(self._order(ctx.num_classes * ctx.ipc, gen_order))
-        start = torch.stack(starts).to(ctx.device, non_blocking=True)
-        target = torch.stack(targets).to(ctx.device, non_blocking=True)
+        pairs = [self._teacher_pair(k, pick) for k in range(ctx.noe)]
+        start, target = (torch.stack(ts).to(ctx.device) for ts in zip(*pairs, strict=True))
+        orders = torch.stack([self._order(ctx.num_classes * ctx.ipc, gen_order) for _ in range(ctx.noe)])
         try:
-            losses, g_syn, g_lr = static.run(start, target, torch.stack(orders), ctx.seed_for(it, _STREAM_DSA))
+            losses, g_syn, g_lr = static.run(start, target, orders, ctx.seed_for(it, _STREAM_DSA))
         except (RuntimeError, AttributeError) as err:  # capture refused (e.g. an op that syncs)
             self.graphs.fail(err)
             return []
