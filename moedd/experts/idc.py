@@ -89,6 +89,10 @@ kernels (the per-class loop is launch-bound on a GPU). ``class_chunk`` bounds th
 batch is min(batch_real, smallest class over all shards) for every expert (equal group sizes), and
 the siamese augmentation draws one parameter set per class for the pass (same distribution as
 one draw per class-step; a different order of draws than before commit f23753a).
+
+CUDA graph (``cuda_graph: true``, CUDA only): one inner step is captured and replayed
+``inner_loop`` times per outer iteration (``moedd.experts.idc_graph``); CutMix's coin, λ and box
+are then drawn on the device (λ ~ U(0, 1): ``mix_beta`` 1), the rest as above.
 """
 
 from __future__ import annotations

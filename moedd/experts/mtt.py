@@ -27,6 +27,10 @@ Memory: each expert's unrolled graph is built and back-propagated on its own (gr
 in ``syn.grad``), so the peak is one expert's graph: about ``syn_steps × batch_syn`` times the
 activations of one image (``estimate_memory_gb``), checked against the device before any work.
 
+CUDA graph (``cuda_graph: true``, CUDA only): every expert's unroll and meta-gradient of an
+iteration are captured once and replayed (``moedd.experts.mtt_graph``); the DSA group of each
+step is then drawn on the device, the rest as above.
+
 Input space: with ``zca: true`` (CIFAR-10 presets) images live in the ZCA space fitted on the
 full training set (kornia math, ε 0.1) that the teachers were trained in; the transform travels
 with the trajectories and the synthetic set so the evaluator whitens the test set the same way.
