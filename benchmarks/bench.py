@@ -73,6 +73,7 @@ from moedd.distill import build_method
 from moedd.data.zca import ZCA
 from moedd.evaluate import TrainingSet, normalize_test, test_accuracy, train_network
 from moedd.experts.mtt import peak_memory_gb
+from moedd.experts.idc_graph import STREAM_MATCH, STREAM_MIX, STREAM_NET, StaticInnerSteps
 from moedd.nets import create_net
 from moedd.trajectories import flat_params, init_teacher, train_teacher
 
@@ -1217,8 +1218,8 @@ def idc_sides(data: Data, device: torch.device, R: types.SimpleNamespace | None,
     net = method.fresh_net(0)
     net_opt = torch.optim.SGD(net.parameters(), lr=cfg.net_lr, momentum=cfg.net_momentum,
                               weight_decay=cfg.net_weight_decay)
-    gen_match, gen_net = ctx.generator(0, stream=2), ctx.generator(0, stream=3)
-    rng = np.random.default_rng(ctx.seed_for(0, stream=4))
+    gen_match, gen_net = ctx.generator(0, STREAM_MATCH), ctx.generator(0, STREAM_NET)
+    rng = np.random.default_rng(ctx.seed_for(0, STREAM_MIX))
     ref = None
     if R is not None:
         pixels = data.prepared.train_images.to(device).float().div_(255.0)
@@ -1257,8 +1258,6 @@ def idc_graph_side(data: Data, device: torch.device, R: types.SimpleNamespace | 
                    sizes: IDCSizes) -> Callable[[], None]:
     """Our IDC inner step replayed as a CUDA graph (``experts.idc.cuda_graph``), set up for
     outer iteration 0 as :func:`idc_sides` sets up the eager one; the first call captures."""
-    from moedd.experts.idc_graph import StaticInnerSteps
-
     params = idc_params(sizes, R.args if R is not None else None, cuda_graph=True)
     method, syn = our_method("idc", params, data, device, 1)
     with torch.no_grad():

@@ -353,8 +353,8 @@ def test_static_inner_steps_equal_eager_without_cutmix(tiny_prepared) -> None:
 
 
 def test_static_inner_steps_with_cutmix_learn(tiny_prepared) -> None:
-    """With device-side CutMix (mix_p 1) the static body still trains the network (accuracy
-    logged) and lowers the matching loss over outer iterations."""
+    """With device-side CutMix (mix_p 1) the static body runs end to end: finite losses, a
+    training accuracy in [0, 1], and images that move."""
     m, _ = _method(tiny_prepared, **{"experts.idc.mix_p": 1.0, "experts.idc.inner_loop": 3})
     syn = m.init_images().requires_grad_(True)
     m.setup(syn)

@@ -112,7 +112,7 @@ from moedd.config import ConfigError, IDCExpertConfig
 from moedd.device import memory_format_for
 from moedd.experts.base import DistillContext, ExpertMethod, RunSpec, frozen_random_net, register_expert
 from moedd.experts.class_sgd import ClassSequentialSGD
-from moedd.experts.idc_graph import StaticInnerSteps
+from moedd.experts.idc_graph import STREAM_MATCH, STREAM_MIX, STREAM_NET, StaticInnerSteps
 from moedd.graphs import RunnerSlot
 from moedd.moe import expert_dcor_loss
 from moedd.nets.grouped import GroupedConvNet
@@ -533,17 +533,16 @@ class IDC(ExpertMethod):
             y = self.pool_labels[idx]
             with torch.no_grad():
                 x = self.net_aug(self.ctx.normalize(self.pool_images[idx]), unit, b, gen, static_mix is not None)
+            y_b: Tensor | None = None
+            r: float | Tensor = 1.0
             if static_mix is not None:
-                x, y_b, ratio = cutmix_static(x, y, cfg.mix_p, static_mix)
-                out = net(x.contiguous(memory_format=cl))
-                loss = ratio * F.cross_entropy(out, y) + (1.0 - ratio) * F.cross_entropy(out, y_b)
+                x, y_b, r = cutmix_static(x, y, cfg.mix_p, static_mix)
             elif rng is not None and rng.random() < cfg.mix_p:
                 x, y_b, r = cutmix(x, y, cfg.mix_beta, rng, gen)
-                out = net(x.contiguous(memory_format=cl))
-                loss = r * F.cross_entropy(out, y) + (1.0 - r) * F.cross_entropy(out, y_b)
-            else:
-                out = net(x.contiguous(memory_format=cl))
-                loss = F.cross_entropy(out, y)
+            out = net(x.contiguous(memory_format=cl))
+            loss = F.cross_entropy(out, y)
+            if y_b is not None:
+                loss = r * loss + (1.0 - r) * F.cross_entropy(out, y_b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -564,8 +563,8 @@ class IDC(ExpertMethod):
         net = self.fresh_net(it)
         net_opt = torch.optim.SGD(net.parameters(), lr=cfg.net_lr, momentum=cfg.net_momentum,
                                   weight_decay=cfg.net_weight_decay)
-        gen_match, gen_net = ctx.generator(it, stream=2), ctx.generator(it, stream=3)
-        rng = np.random.default_rng(ctx.seed_for(it, stream=4))
+        gen_match, gen_net = ctx.generator(it, STREAM_MATCH), ctx.generator(it, STREAM_NET)
+        rng = np.random.default_rng(ctx.seed_for(it, STREAM_MIX))
         per_class = torch.zeros(ctx.num_classes, ctx.noe, device=ctx.device)
         dcor = torch.zeros((), device=ctx.device)
         correct = torch.zeros((), dtype=torch.long, device=ctx.device)
@@ -577,10 +576,9 @@ class IDC(ExpertMethod):
             ok, n = self.train_net(net, net_opt, gen_net, rng)
             correct += ok
             seen += n
-        return self._summary(per_class, dcor, correct, seen, graph=False)
+        return self._summary(per_class, dcor, correct, seen)
 
-    def _summary(self, per_class: Tensor, dcor: Tensor, correct: Tensor, seen: int,
-                 graph: bool) -> dict[str, Tensor]:
+    def _summary(self, per_class: Tensor, dcor: Tensor, correct: Tensor, seen: int) -> dict[str, Tensor]:
         """The logged metrics of an outer iteration from its sums over the inner steps (new tensors)."""
         ctx, cfg = self.ctx, self.cfg
         per_class = per_class / cfg.inner_loop
@@ -593,7 +591,7 @@ class IDC(ExpertMethod):
         # IDC's own diagnostic: the matching loss of every class (summed over experts)
         out.update({f"match_c{c}": v for c, v in enumerate(per_class.sum(1))})
         if cfg.cuda_graph:  # 1 when this outer iteration replayed the graph (0: eager, e.g. on a CPU)
-            out["cuda_graph"] = torch.tensor(float(graph))
+            out["cuda_graph"] = torch.tensor(float(self.graphs.replaying))
         return out
 
     # ------------------------------------------------------------ CUDA graph
@@ -608,12 +606,11 @@ class IDC(ExpertMethod):
             try:
                 static.step()
             except (RuntimeError, AttributeError) as err:
-                if j > 0 or not static.capture or static.graph is not None:
-                    raise  # a failed replay: not a capture problem
+                if static.graph is not None or not static.capture:
+                    raise  # a failed replay (or eager body): not a capture problem
                 self.graphs.fail(err)
                 return None
-        seen = static.seen_per_step * self.cfg.inner_loop
-        return self._summary(static.per_class, static.dcor, static.correct, seen, graph=static.graph is not None)
+        return self._summary(static.per_class, static.dcor, static.correct, static.seen_per_step * self.cfg.inner_loop)
 
     def state_dict(self) -> dict[str, Any]:
         return {"opt": self.opt.state_dict()}

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from moedd.experts.idc import IDC
 
 STREAM_MATCH, STREAM_NET, STREAM_MIX = 2, 3, 4
-"""The generator streams of an outer iteration (as in eager IDC; stream 4 seeds its host CutMix)."""
+"""The generator streams of an outer iteration, eager or graphed (stream 1 is the network's
+initialisation; eager IDC seeds its host CutMix with stream 4)."""
 
 
 class StaticInnerSteps(GraphRunner):
@@ -67,7 +68,7 @@ class StaticInnerSteps(GraphRunner):
         self.per_class = torch.zeros(ctx.num_classes, ctx.noe, device=dev)
         self.dcor = torch.zeros((), device=dev)
         self.correct = torch.zeros((), dtype=torch.long, device=dev)
-        self.seen_per_step = cfg.batch_real * -(-cfg.n_data // cfg.batch_real)
+        self.seen_per_step = 0  # set by the body (train_net's count)
         self._it = 0
 
     def begin(self, it: int) -> None:
@@ -91,7 +92,8 @@ class StaticInnerSteps(GraphRunner):
         """One inner step: the matching phase (image step included), then the network update."""
         m = self.method
         pc, dc = m.match_phase(self.net, self.syn, self.gens[STREAM_MATCH], static=True)
-        ok, _ = m.train_net(self.net, self.opt, self.gens[STREAM_NET], None, static_mix=self.gens[STREAM_MIX])
+        ok, self.seen_per_step = m.train_net(self.net, self.opt, self.gens[STREAM_NET], None,
+                                             static_mix=self.gens[STREAM_MIX])
         self.per_class += pc
         self.dcor += dc
         self.correct += ok
