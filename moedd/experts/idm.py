@@ -52,8 +52,13 @@ difference at 0.5). Because L_c depends only on the rows of class c while the ne
 and augmentation are fixed, the C sequential steps have a closed form that needs ONE batched
 gradient evaluation: :class:`ClassSequentialSGD` evaluates class c at ``x − lr·S(c)·b`` (S(c) =
 μ + ... + μ^c, b the momentum buffer) and then applies the exact result of the C steps. So our
-updates equal IDM's per-class loop (up to float rounding; verified against a literal
-``torch.optim.SGD`` loop in the tests) at the cost of a single forward/backward per network.
+updates equal IDM's per-class loop in exact arithmetic (verified in float64 against a literal
+``torch.optim.SGD`` loop in the tests) at the cost of a single forward/backward per network. In
+float32 the two evaluate the gradient at points that differ by rounding, and the gradient jumps
+where a ReLU input crosses 0: with ~10^6 ReLU inputs per evaluation a rounding-sized change can
+cross one, which moves one iteration's images by ~1e-2 (0.6 % of the step at the tests' size).
+Any change of kernel path (CPU instruction set, oneDNN version, GPU) does the same, so runs are
+bitwise reproducible on one machine and software stack, not across them.
 
 Decisions where the paper and code are silent, and deviations from the IDM code:
 
@@ -95,7 +100,7 @@ from torch import Tensor
 
 from moedd.augment import DSA, DSAParams
 from moedd.config import IDMExpertConfig
-from moedd.device import memory_format_for
+from moedd.device import at_least_float32, memory_format_for
 from moedd.evaluate import DECODERS
 from moedd.experts.base import DistillContext, ExpertMethod, frozen_random_net, register_expert
 from moedd.experts.class_sgd import ClassSequentialSGD
@@ -288,10 +293,10 @@ class IDM(ExpertMethod):
         state = gen_dsa.get_state()  # replay: real and synthetic images of a class share A
         with torch.no_grad():
             aug = self.dsa.siamese(real, unit_real, c, gen_dsa).contiguous(memory_format=cl)
-            f_real = torch.cat([net.embed(aug[i : i + chunk]) for i in range(0, len(aug), chunk)]).float()
+            f_real = at_least_float32(torch.cat([net.embed(aug[i : i + chunk]) for i in range(0, len(aug), chunk)]))
         gen_dsa.set_state(state)
         aug_syn = self.dsa.siamese(dec.flatten(0, 2), unit_syn, c, gen_dsa).contiguous(memory_format=cl)
-        f_syn = net.embed(aug_syn).float()
+        f_syn = at_least_float32(net.embed(aug_syn))
         d = f_syn.shape[-1]
         mean_real = f_real.view(noe, c, n_real, d).mean(2)
         feats = f_syn.view(noe, c, m, d)

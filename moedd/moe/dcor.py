@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moedd.device import at_least_float32
+
 
 def _centred_distances(x: Tensor) -> Tensor:
     x = F.normalize(x, dim=-1)
@@ -53,5 +55,5 @@ def expert_dcor_loss(features: Tensor) -> Tensor:
     if noe < 2:
         return features.new_zeros(())
     pairs = list(itertools.combinations(range(noe), 2))
-    terms = [dcor2(features[i].float(), features[j].float()).sum() for i, j in pairs]
+    terms = [dcor2(at_least_float32(features[i]), at_least_float32(features[j])).sum() for i, j in pairs]
     return torch.stack(terms).mean()
