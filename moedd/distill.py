@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moedd._atomic import atomic_file
 from moedd.config import ConfigError, Params, check_budget
 from moedd.data import Partition, Prepared, check_ipc_fits
 from moedd.experts import EXPERTS, DistillContext, ExpertMethod, RunSpec
@@ -89,10 +89,23 @@ def build_method(name: str, params: Params, prepared: Prepared, partition: Parti
     return cls(cfg, ctx)
 
 
+SPEED_ONLY = frozenset({"real_chunk", "match_pass", "class_chunk", "max_memory_gb"})
+"""Method settings that change speed or memory, not the images (DM's real-batch chunking, IDC's
+pass layout and class grouping, MTT's memory guard): left out of :func:`fingerprint`, so a run
+resumed with another value keeps its checkpoint."""
+
+
 def fingerprint(name: str, params: Params, prepared: Prepared, partition: Partition, trajectories: Any = None) -> str:
-    """Identifies the inputs of a run: a checkpoint is only resumed for the same fingerprint."""
+    """Identifies the inputs of a run: a checkpoint is only resumed for the same fingerprint.
+
+    In: the method and its effective config (preset applied), the distill settings (budget, seed,
+    net, dcor weight), the prepared data and partition digests (so data, partition seed and NoE)
+    and the teachers' meta (MTT). Out: what only changes speed or bookkeeping (the device,
+    ``checkpoint_every``, ``log_every``, :data:`SPEED_ONLY`). The code version is not in: a
+    checkpoint survives code changes, as a resumed run is expected to.
+    """
     ipc = check_budget(params.distill.budget, partition.noe)
-    cfg = method_config(params, name, ipc)[0].model_dump()
+    cfg = method_config(params, name, ipc)[0].model_dump(exclude=set(SPEED_ONLY))
     d = params.distill.model_dump(exclude={"device", "checkpoint_every", "log_every"})
     teachers = trajectories.meta if trajectories is not None else None
     blob = json.dumps([name, cfg, d, prepared.digest, partition.digest, teachers], sort_keys=True, default=str)
@@ -100,10 +113,10 @@ def fingerprint(name: str, params: Params, prepared: Prepared, partition: Partit
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interruption never leaves a half-written checkpoint
+    """Write ``path`` atomically: a kill never leaves a half-written checkpoint (and the
+    temporary file a killed run left is removed)."""
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 def optimise(

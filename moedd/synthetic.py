@@ -10,7 +10,8 @@ A synthetic set is a directory (a DVC output)::
 
 Images are stored in the space named by ``meta.space``: ``normalized`` ((x/255 − mean)/std with
 the mean/std kept in the metadata, so pixels can be recovered), ``pixel`` ([0,1]) or ``zca``.
-``sha256`` is the hash of the .pt file: a corrupted or swapped file is refused on load.
+``sha256`` is the hash of the .pt file: a corrupted or swapped file is refused on load, and so is
+a sidecar without it (moedd always writes it).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
 from moedd import __version__
+from moedd._atomic import atomic_dir
 
 
 class SyntheticSetError(ValueError):
@@ -95,29 +97,39 @@ def _sha256(path: Path) -> str:
 def save_synthetic(
     out_dir: str | Path, images: list[Tensor], labels: list[Tensor], metas: list[SyntheticMeta], zca: Any = None,
 ) -> list[SyntheticMeta]:
-    """Write every expert's images and metadata into ``out_dir``; returns the metadata as written
-    (with each file's sha256). ``zca`` (a ``moedd.data.zca.ZCA``) is required for ZCA-space sets."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if any(m.space == "zca" for m in metas):
-        if zca is None or any(m.zca_digest != zca.digest for m in metas):
-            raise SyntheticSetError("a ZCA-space set must be saved with its ZCA transform (digest in its metadata)")
-        zca.save(out / "zca.pt")
+    """Write every expert's images and metadata as the directory ``out_dir``; returns the metadata
+    as written (with each file's sha256). ``zca`` (a ``moedd.data.zca.ZCA``) is required for
+    ZCA-space sets.
+
+    The directory is replaced as a whole and atomically (``moedd._atomic.atomic_dir``): a kill
+    while saving leaves the previous set, never a mixture of old and new experts, and files of an
+    earlier set with more experts do not linger.
+    """
+    zca_space = any(m.space == "zca" for m in metas)
+    if zca_space and (zca is None or any(m.zca_digest != zca.digest for m in metas)):
+        raise SyntheticSetError("a ZCA-space set must be saved with its ZCA transform (digest in its metadata)")
     sealed = []
-    for k, (x, y, meta) in enumerate(zip(images, labels, metas, strict=True)):
-        pt = out / f"expert-{k}.pt"
-        torch.save({"images": x.detach().float().cpu().contiguous(), "labels": y.cpu()}, pt)
-        sealed.append(meta.model_copy(update={"sha256": _sha256(pt)}))
-        (out / f"expert-{k}.json").write_text(sealed[-1].model_dump_json(indent=2))
+    with atomic_dir(out_dir) as out:
+        if zca_space:
+            zca.save(out / "zca.pt")
+        for k, (x, y, meta) in enumerate(zip(images, labels, metas, strict=True)):
+            pt = out / f"expert-{k}.pt"
+            torch.save({"images": x.detach().float().cpu().contiguous(), "labels": y.cpu()}, pt)
+            sealed.append(meta.model_copy(update={"sha256": _sha256(pt)}))
+            (out / f"expert-{k}.json").write_text(sealed[-1].model_dump_json(indent=2))
     return sealed
 
 
 def load_synthetic(path: str | Path) -> SyntheticSet:
     """Read and verify a synthetic set directory.
 
+    Every expert's .pt must match the sha256 in its sidecar. A sidecar without one is refused, not
+    trusted: ``save_synthetic`` always writes it, so a missing digest means an edited sidecar, and
+    skipping the check would let one deleted field disable the corruption check.
+
     Raises:
-        SyntheticSetError: missing files, a hash mismatch, or experts that disagree on method,
-            space, classes or shape.
+        SyntheticSetError: missing files, an invalid sidecar, a missing digest, a hash mismatch,
+            or experts that disagree on method, space, classes or shape.
     """
     p = Path(path)
     metas_files = sorted(p.glob("expert-*.json"), key=lambda f: int(f.stem.split("-")[1]))
@@ -125,11 +137,20 @@ def load_synthetic(path: str | Path) -> SyntheticSet:
         raise SyntheticSetError(f"{p} holds no synthetic set (no expert-*.json); run `moedd distill` first")
     images, labels, metas = [], [], []
     for mf in metas_files:
-        meta = SyntheticMeta.model_validate_json(mf.read_text())
+        try:
+            meta = SyntheticMeta.model_validate_json(mf.read_text())
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise SyntheticSetError(f"{mf} is not valid synthetic-set metadata ({where + ': ' if where else ''}"
+                                    f"{first['msg']}); re-create the set with `moedd distill`") from None
         pt = mf.with_suffix(".pt")
         if not pt.exists():
             raise SyntheticSetError(f"{pt} is missing")
-        if meta.sha256 and _sha256(pt) != meta.sha256:
+        if not meta.sha256:
+            raise SyntheticSetError(f"{p}: no sha256 in {mf.name}, so {pt.name} cannot be checked; re-create the set "
+                                    f"with `moedd distill --expert {meta.method} --noe {meta.noe}`")
+        if _sha256(pt) != meta.sha256:
             raise SyntheticSetError(f"{pt} does not match the sha256 in its metadata (corrupted or replaced)")
         d = torch.load(pt, weights_only=True)
         images.append(d["images"])

@@ -49,6 +49,17 @@ def project_root() -> Path:
         return Path.cwd().resolve()
 
 
+def checkpoint_root() -> Path:
+    """Where resumable state lives by default: ``<project root>/.moedd/checkpoints``.
+
+    Under the project root (``$DVC_ROOT`` for a queued experiment), not the working directory:
+    a queued experiment runs in a temporary copy that is deleted afterwards, and its checkpoints
+    must outlive it so that rerunning the experiment resumes. Each state file is keyed by the
+    fingerprint of its run's inputs, so parallel experiments never share one by mistake.
+    """
+    return project_root() / ".moedd" / "checkpoints"
+
+
 def tracking_uri(cfg: MlflowConfig) -> str:
     """$MLFLOW_TRACKING_URI, else ``mlflow.tracking_uri``, else SQLite under the project root."""
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{project_root() / 'mlflow.db'}"

@@ -23,9 +23,17 @@ Resumability: each teacher file is written atomically and carries a fingerprint 
 that determines it (data and partition digests, shard, index, trajectory settings except the
 device, the net, the epochs, the ZCA digest). A rerun skips teachers whose file has the same
 fingerprint (the file stays byte-identical) and retrains the others, so an interrupted run loses
-at most the teacher in progress. ``meta.json`` is written last and removed at the start of a
-run: a directory without it is incomplete. Its content is deterministic (no times, no device),
-because distillation checkpoints fingerprint it.
+at most the teacher in progress. ``meta.json`` is written last (atomically) and removed at the
+start of a run: a directory without it is incomplete. Its content is deterministic (no times, no
+device), because distillation checkpoints fingerprint it.
+
+Teachers outlive a queued experiment: that runs in a temporary copy of the repository, deleted
+afterwards, so finished teachers in its output directory would be lost with it. With a
+``cache_dir`` (the CLI passes ``<checkpoint root>/teachers``, under the repository root, see
+``moedd.tracking.checkpoint_root``) every teacher is first written there as ``<fingerprint>.pt``
+and then linked into the output (a hard link: no second copy on one filesystem); a rerun takes
+a teacher missing from the output from there. Once the run is complete the output holds them
+all and their cache entries are deleted.
 
 Deviations from ``buffer.py``: seeds derive from (trajectories.seed, shard, teacher) instead of
 the clock; the learning rate never decays (MTT's ``--decay`` is off by default); training
@@ -37,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -49,6 +58,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
+from moedd._atomic import atomic_file
 from moedd.augment import DSA, DSAParams
 from moedd.config import ConfigError, MTTExpertConfig, Params, TrajectoriesConfig, check_budget
 from moedd.data import Partition, Prepared, check_ipc_fits
@@ -301,10 +311,20 @@ def _read_teacher(path: Path) -> dict[str, Any] | None:
 
 
 def _save_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # an interruption never leaves a half-written teacher
+    """An interruption never leaves a half-written teacher (``moedd._atomic.atomic_file``)."""
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Put the finished teacher file ``src`` at ``dst`` atomically: a hard link where both lie on
+    one filesystem (no second copy; safe since teacher files are only ever replaced, never
+    modified in place), else a copy."""
+    with atomic_file(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def _existing(path: Path, fp: str) -> TeacherRecord | None:
@@ -342,6 +362,7 @@ def _remove_stale(out: Path, noe: int, num_teachers: int) -> None:
 def train_teachers(
     params: Params, prepared: Prepared, partition: Partition, out: str | Path, device: torch.device,
     on_epoch: TeacherEpochFn | None = None, on_teacher: TeacherDoneFn | None = None,
+    cache_dir: str | Path | None = None,
 ) -> TrajectoriesResult:
     """Train (or keep) ``trajectories.num_teachers`` teachers per shard and write the directory.
 
@@ -353,6 +374,8 @@ def train_teachers(
         device: where to train.
         on_epoch: progress of the teacher in training.
         on_teacher: called once per teacher, trained or kept, with its record.
+        cache_dir: where teachers are kept until the run is complete, keyed by fingerprint (see
+            the module docstring); None = only in ``out``.
 
     Returns:
         The meta written to ``meta.json`` and the record of every teacher.
@@ -366,6 +389,7 @@ def train_teachers(
     space = input_space(mtt_config(params, ipc), prepared, out / ZCA_FILE)
     _write_zca(out / ZCA_FILE, space.zca)
     _remove_stale(out, partition.noe, cfg.num_teachers)
+    cache = Path(cache_dir) if cache_dir is not None else None
     test_x = test_y = None
     records: list[list[TeacherRecord]] = []
     for k, shard in enumerate(partition.shards):
@@ -374,18 +398,28 @@ def train_teachers(
         for i in range(cfg.num_teachers):
             path = teacher_path(out, k, i)
             fp = teacher_fingerprint(params, prepared, partition, k, i, epochs, space.zca_digest)
+            cached = cache / f"{fp}.pt" if cache is not None else None
             rec = _existing(path, fp)
+            if rec is None and cached is not None and (rec := _existing(cached, fp)) is not None:
+                _publish(cached, path)  # finished by a run whose output is gone (a queued experiment)
             if rec is None:
                 if x is None:  # this shard's inputs, only when some teacher needs training
                     x, y = space.apply(prepared.train_images[shard], device), prepared.train_labels[shard].to(device)
                 if test_x is None:
                     test_x, test_y = space.apply(prepared.test_images, device), prepared.test_labels.to(device)
-                rec = _train_one(params, prepared.num_classes, x, y, test_x, test_y, k, i, epochs, fp, path, on_epoch)
+                rec = _train_one(params, prepared.num_classes, x, y, test_x, test_y, k, i, epochs, fp,
+                                 cached or path, on_epoch)
+                if cached is not None:
+                    _publish(cached, path)
             records[k].append(rec)
             if on_teacher is not None:
                 on_teacher(rec)
     meta = _meta(params, prepared, partition, epochs, space, records)
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    with atomic_file(out / META_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    if cache is not None:  # complete: the output holds every teacher now
+        for fp in (r.fingerprint for shard_recs in records for r in shard_recs):
+            (cache / f"{fp}.pt").unlink(missing_ok=True)
     return TrajectoriesResult(meta, records, time.perf_counter() - t0)
 
 

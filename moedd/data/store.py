@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moedd._atomic import atomic_dir
 from moedd.data.sources import RawDataset
 
 
@@ -63,20 +64,24 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
 
 
 def save_prepared(ds: RawDataset, out_dir: str | Path) -> Prepared:
-    """Write ``ds`` as a prepared store in ``out_dir`` and return it."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``ds`` as the prepared store ``out_dir`` and return it.
+
+    The directory is replaced as a whole and atomically (``moedd._atomic.atomic_dir``): a kill
+    while saving leaves the previous store, never a train.pt of one dataset beside the meta.json
+    (digest) of another.
+    """
     tensors = [ds.train.images, ds.train.labels, ds.test.images, ds.test.labels]
     digest = content_digest(tensors, ds.classes)
     mean, std = channel_stats(ds.train.images)
-    torch.save({"images": ds.train.images, "labels": ds.train.labels}, out / "train.pt")
-    torch.save({"images": ds.test.images, "labels": ds.test.labels}, out / "test.pt")
     meta = {
         "name": ds.name, "classes": ds.classes, "shape": list(ds.train.images.shape[1:]),
         "num_train": len(ds.train.labels), "num_test": len(ds.test.labels),
         "mean": mean, "std": std, "digest": digest,
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    with atomic_dir(out_dir) as out:
+        torch.save({"images": ds.train.images, "labels": ds.train.labels}, out / "train.pt")
+        torch.save({"images": ds.test.images, "labels": ds.test.labels}, out / "test.pt")
+        (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return Prepared(ds.name, ds.classes, *tensors, mean, std, digest)
 
 
