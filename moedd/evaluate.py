@@ -10,23 +10,38 @@ learned learning rate (MTT) come from the synthetic set's metadata.
 Deviations from ``evaluate_synset`` of the reference code, stated so numbers can be compared:
 we train exactly ``epochs`` epochs (the reference runs epochs+1) and decay the learning rate in
 place instead of rebuilding the optimiser (which silently reset momentum there).
+
+Resume: the unit of work is one (network, seed) training. With :class:`EvaluationCheckpoints`,
+every finished unit is recorded (accuracy, seconds) and the unit in training is checkpointed every
+``evaluate.checkpoint_every`` epochs with everything that determines its future (network and
+optimiser state, its three random generators, the epoch; the learning rate lives in the
+optimiser state), so an interrupted evaluation continues where it stopped and ends with exactly
+the accuracies of an uninterrupted one (same device). The checkpoints of a cell live in a
+directory named by a fingerprint of everything the result depends on, so a changed protocol or
+set never resumes from stale state.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moedd._atomic import atomic_file
 from moedd.augment import DSA, DSAParams
-from moedd.config import EvaluateConfig, FusionConfig
+from moedd.config import ConfigError, EvaluateConfig, FusionConfig
 from moedd.device import memory_format_for
 from moedd.moe import MixupFusion
 from moedd.nets import create_net
@@ -115,11 +130,26 @@ def test_accuracy(net: torch.nn.Module, images: Tensor, labels: Tensor, batch_si
     return correct.item() / len(images)
 
 
+StateFn = Callable[[dict[str, Any]], None]
+"""Receives a unit's training state (see :func:`train_network`) to keep it."""
+
+
 def train_network(
     net_name: str, data: TrainingSet, cfg: EvaluateConfig, fusion: FusionConfig, seed: int,
     num_classes: int, on_epoch: Callable[[int], None] | None = None,
+    resume: dict[str, Any] | None = None, checkpoint: StateFn | None = None,
 ) -> torch.nn.Module:
-    """Train a fresh ``net_name`` on the (fused) synthetic set with the fixed protocol."""
+    """Train a fresh ``net_name`` on the (fused) synthetic set with the fixed protocol.
+
+    Args:
+        on_epoch: called with the number of epochs done after each epoch (after ``checkpoint``).
+        resume: a state handed to ``checkpoint`` by an earlier call with the same arguments:
+            training continues at its epoch and ends exactly as without the interruption.
+        checkpoint: called with the full training state every ``cfg.checkpoint_every`` epochs
+            (not after the last): network and optimiser state (momentum, the learning rate of the
+            schedule), the batch-order/augmentation/mixup-partner generator ``gen``, DSA's host
+            generator, the numpy generator of mixup's weights, and the epoch.
+    """
     device = data.images.device
     ch, h = data.images.shape[1], data.images.shape[2]
     with torch.random.fork_rng(devices=[]):
@@ -134,8 +164,20 @@ def train_network(
     dsa = DSA(DSAParams(strategy=cfg.dsa_strategy)) if cfg.dsa else None
     mixer = MixupFusion(data.images, data.labels, data.experts, fusion.p, fusion.alpha) if fusion.kind == "mixup" else None
     n = len(data.labels)
+    start = 0
+    if resume is not None:
+        if resume["device_type"] != device.type:
+            raise UnitCheckpointMismatch(
+                f"the checkpoint of {net_name} seed {seed} was written on {resume['device_type']}, not {device.type} "
+                "(its generator states do not carry over); resume on that device or delete the checkpoint")
+        net.load_state_dict(resume["net"])
+        opt.load_state_dict(resume["opt"])
+        gen.set_state(resume["gen"])
+        host.set_state(resume["host"])
+        rng.bit_generator.state = json.loads(resume["numpy"])
+        start = int(resume["epoch"])
     net.train()
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs):
         if epoch == cfg.epochs // 2:
             for group in opt.param_groups:
                 group["lr"] = data.lr * 0.1
@@ -151,8 +193,14 @@ def train_network(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        done = epoch + 1
+        if checkpoint is not None and done % cfg.checkpoint_every == 0 and done < cfg.epochs:
+            checkpoint({
+                "epoch": done, "device_type": device.type, "net": net.state_dict(), "opt": opt.state_dict(),
+                "gen": gen.get_state(), "host": host.get_state(), "numpy": json.dumps(rng.bit_generator.state),
+            })
         if on_epoch:
-            on_epoch(epoch + 1)
+            on_epoch(done)
     return net
 
 
@@ -175,11 +223,149 @@ class NetResult:
 
 ResultFn = Callable[[str, int, float], None]
 EpochFn = Callable[[str, int, int], None]
+ResumeFn = Callable[[str, int, int, int], None]
+"""Called as (net, seed, epoch, units done) when a call continues earlier work (see evaluate_synthetic)."""
+
+SPEED_ONLY = frozenset({"device", "test_batch_size", "checkpoint_every"})
+"""Evaluate knobs that change how fast, never what: left out of the checkpoint fingerprint."""
+
+
+class UnitCheckpointMismatch(ConfigError):
+    """An evaluation checkpoint exists but was written for other inputs (or another device)."""
+
+
+def tensor_digest(*tensors: Tensor) -> str:
+    """SHA-256 over the dtypes, shapes and bytes of ``tensors`` (content identity, any device)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_contents(syn: SyntheticSet, test_images: Tensor, test_labels: Tensor, cfg: EvaluateConfig,
+                         fusion: FusionConfig) -> dict[str, Any]:
+    """Everything an evaluation's accuracies depend on: the synthetic set (every expert's metadata,
+    with its file digest, data digest, decoding, space, learned lr and ZCA digest, and a digest of
+    the images and labels themselves, so that an in-memory set is identified too), the protocol
+    without :data:`SPEED_ONLY` knobs (nets, seeds, epochs, optimiser, batch size, DSA), the fusion
+    config and the fusion actually applied, and a digest of the real test images and labels."""
+    return {
+        "synthetic": [m.model_dump(mode="json") for m in syn.metas],
+        "synthetic_tensors": tensor_digest(*syn.images, *syn.labels),
+        "evaluate": cfg.model_dump(mode="json", exclude=set(SPEED_ONLY)),
+        "fusion": fusion.model_dump(mode="json"),
+        "fusion_effective": fusion_effective(syn, fusion),
+        "test_data": tensor_digest(test_images, test_labels),
+    }
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    """A finished unit: the test accuracy (fraction) of ``net`` trained with ``seed``."""
+
+    net: str
+    seed: int
+    acc: float
+    seconds: float
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    with atomic_file(path) as tmp:  # per-process temporary name: units may run in several processes
+        write(tmp)
+
+
+class EvaluationCheckpoints:
+    """The resumable state of one cell's evaluation, in ``root/<name>-<fingerprint>/``.
+
+    Holds ``fingerprint.json`` (what the fingerprint hashes, readable), ``<net>-seed<s>.json`` per
+    finished unit and ``<net>-seed<s>.pt`` for a unit in training. Files are per unit and written
+    atomically, so units may later be spread over processes. Every file carries the fingerprint
+    and is refused when it does not match (:class:`UnitCheckpointMismatch`).
+
+    Args:
+        root: the directory of all evaluation checkpoints (``<project root>/.moedd/checkpoints/evaluate``).
+        name: a readable prefix of the cell's directory (e.g. ``dm-10x2``).
+        contents: what the result depends on (:func:`fingerprint_contents`).
+    """
+
+    def __init__(self, root: Path, name: str, contents: dict[str, Any]) -> None:
+        self.contents = contents
+        self.fingerprint = hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()[:16]
+        self.root, self.name = Path(root), name
+        self.dir = self.root / f"{name}-{self.fingerprint}"
+
+    @classmethod
+    def for_cell(cls, root: Path, name: str, syn: SyntheticSet, test_images: Tensor, test_labels: Tensor,
+                 cfg: EvaluateConfig, fusion: FusionConfig) -> EvaluationCheckpoints:
+        """The checkpoints of evaluating ``syn`` with this protocol on this test data."""
+        return cls(root, name, fingerprint_contents(syn, test_images, test_labels, cfg, fusion))
+
+    def others(self) -> list[Path]:
+        """Directories of the same name prefix but another fingerprint (another protocol, set or
+        test data, or another cell's run in parallel): never resumed from, never touched."""
+        if not self.root.is_dir():
+            return []
+        prefix = f"{self.name}-"
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p != self.dir and p.name.startswith(prefix)
+                      and len(tail := p.name[len(prefix):]) == 16 and all(c in "0123456789abcdef" for c in tail))
+
+    def _check(self, found: str, path: Path) -> None:
+        if found != self.fingerprint:
+            raise UnitCheckpointMismatch(f"checkpoint {path} belongs to other inputs; delete it to start afresh")
+
+    def _prepare(self) -> None:
+        fp = self.dir / "fingerprint.json"
+        if fp.exists():
+            self._check(json.loads(fp.read_text()).get("fingerprint", ""), fp)
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        blob = json.dumps({"fingerprint": self.fingerprint, "contents": self.contents}, indent=2, sort_keys=True)
+        _atomic_write(fp, lambda p: p.write_text(blob))
+
+    def _unit(self, net: str, seed: int, suffix: str) -> Path:
+        return self.dir / f"{net}-seed{seed}{suffix}"
+
+    def finished(self, net: str, seed: int) -> UnitRecord | None:
+        """The record of a finished unit, or None."""
+        path = self._unit(net, seed, ".json")
+        if not path.exists():
+            return None
+        d = json.loads(path.read_text())
+        self._check(d.pop("fingerprint", ""), path)
+        return UnitRecord(**d)
+
+    def finish(self, record: UnitRecord) -> None:
+        """Record a finished unit (then its training checkpoint is dropped)."""
+        self._prepare()
+        blob = json.dumps({"fingerprint": self.fingerprint, **asdict(record)})
+        _atomic_write(self._unit(record.net, record.seed, ".json"), lambda p: p.write_text(blob))
+        self._unit(record.net, record.seed, ".pt").unlink(missing_ok=True)
+
+    def load_state(self, net: str, seed: int) -> dict[str, Any] | None:
+        """The training state of an unfinished unit (on the CPU), or None."""
+        path = self._unit(net, seed, ".pt")
+        if not path.exists():
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self._check(state.get("fingerprint", ""), path)
+        return state
+
+    def save_state(self, net: str, seed: int, state: dict[str, Any]) -> None:
+        """Keep the training state of a unit (atomically)."""
+        self._prepare()
+        _atomic_write(self._unit(net, seed, ".pt"), lambda p: torch.save({"fingerprint": self.fingerprint, **state}, p))
+
+    def clear(self) -> None:
+        """Remove this cell's checkpoints (once its metrics are written)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def evaluate_synthetic(
     syn: SyntheticSet, test_images: Tensor, test_labels: Tensor, cfg: EvaluateConfig, fusion: FusionConfig,
     device: torch.device, on_result: ResultFn | None = None, on_epoch: EpochFn | None = None,
+    checkpoints: EvaluationCheckpoints | None = None, on_resume: ResumeFn | None = None,
 ) -> dict[str, NetResult]:
     """Evaluate a synthetic set on every network of ``cfg.nets`` over ``cfg.seeds``.
 
@@ -189,29 +375,66 @@ def evaluate_synthetic(
         cfg: the evaluation protocol.
         fusion: how experts are fused while training.
         device: where to train.
-        on_result: called (net, seed, accuracy) after each trained network.
-        on_epoch: called (net, seed, epoch) after each epoch (progress).
+        on_result: called (net, seed, accuracy) for each unit in order, also for the units
+            restored as finished from ``checkpoints`` (each unit once per call).
+        on_epoch: called (net, seed, epoch) after each epoch trained in this call (progress).
+        checkpoints: where finished units are recorded and the unit in training is checkpointed
+            (every ``cfg.checkpoint_every`` epochs); what they hold is resumed. The caller
+            clears them once the results are kept. None: no checkpoints.
+        on_resume: called (net, seed, epoch, units done) before unit (net, seed) trains when this
+            call continues earlier work: it resumes at ``epoch`` from its checkpoint (0: from
+            scratch), after ``units done`` units restored as finished so far. Called for every
+            unit resumed from a checkpoint, and for the first unit trained after restored ones.
 
     Returns:
-        Per network name, the accuracies (fractions) in seed order.
+        Per network name, the accuracies (fractions) in seed order; ``seconds`` sums the units'
+        training and test times (across interruptions).
     """
     data = pool_experts(syn, cfg.lr, device)
     test_x = prepare_test_images(syn, test_images, device)
     test_y = test_labels.to(device)
     num_classes = len(syn.meta.classes)
     results: dict[str, NetResult] = {}
+    restored, announced = 0, False
     for name in cfg.nets:
         res = results[name] = NetResult(name)
-        t0 = time.perf_counter()
         for seed in cfg.seeds:
-            cb = (lambda e, _n=name, _s=seed: on_epoch(_n, _s, e)) if on_epoch else None
-            net = train_network(name, data, cfg, fusion, seed, num_classes, cb)
-            acc = test_accuracy(net, test_x, test_y, cfg.test_batch_size)
-            res.accs.append(acc)
+            record = checkpoints.finished(name, seed) if checkpoints else None
+            if record is None:
+                record = _train_unit(name, seed, data, test_x, test_y, num_classes, cfg, fusion, on_epoch,
+                                     checkpoints, on_resume, restored, announced)
+                announced = True
+            else:
+                restored += 1
+            res.accs.append(record.acc)
+            res.seconds += record.seconds
             if on_result:
-                on_result(name, seed, acc)
-        res.seconds = time.perf_counter() - t0
+                on_result(name, seed, record.acc)
     return results
+
+
+def _train_unit(
+    name: str, seed: int, data: TrainingSet, test_x: Tensor, test_y: Tensor, num_classes: int,
+    cfg: EvaluateConfig, fusion: FusionConfig, on_epoch: EpochFn | None,
+    checkpoints: EvaluationCheckpoints | None, on_resume: ResumeFn | None, restored: int, announced: bool,
+) -> UnitRecord:
+    """Train and test one (network, seed) unit, resuming and checkpointing it when asked."""
+    t0 = time.perf_counter()
+    state = checkpoints.load_state(name, seed) if checkpoints else None
+    before = float(state["seconds"]) if state else 0.0
+    if on_resume and (state is not None or (restored and not announced)):
+        on_resume(name, seed, int(state["epoch"]) if state else 0, restored)
+    save: StateFn | None = None
+    if checkpoints is not None:
+        def save(st: dict[str, Any], _c: EvaluationCheckpoints = checkpoints) -> None:
+            _c.save_state(name, seed, {**st, "seconds": before + time.perf_counter() - t0})
+    cb = (lambda e: on_epoch(name, seed, e)) if on_epoch else None
+    net = train_network(name, data, cfg, fusion, seed, num_classes, cb, resume=state, checkpoint=save)
+    acc = test_accuracy(net, test_x, test_y, cfg.test_batch_size)
+    record = UnitRecord(name, seed, acc, before + time.perf_counter() - t0)
+    if checkpoints is not None:
+        checkpoints.finish(record)
+    return record
 
 
 def fusion_effective(syn: SyntheticSet, fusion: FusionConfig) -> str:
