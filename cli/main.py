@@ -18,6 +18,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 import yaml
 
+from rich.markup import escape
+
 from moedd.cli.progress import bars, console
 from moedd.config import ConfigError, Params, check_budget, flatten, load_params
 from moedd.registry import UnknownNameError
@@ -30,16 +32,36 @@ app = typer.Typer(
     add_completion=False,
 )
 
-ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read (missing file = defaults).")]
+DEFAULT_PARAMS = Path("params.yaml")
+ParamsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--params",
+        help="Params file to read (default: params.yaml; a missing params.yaml means the built-in defaults, "
+             "said on the first log line). A --params file that does not exist is an error.",
+        show_default=False,
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-S", help="Override any param, e.g. -S experts.dm.iterations=50 (repeatable)."),
+]
+CheckpointOpt = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="MOEDD_CHECKPOINT_DIR",
+        help="Where resumable state lives, keyed by the run's fingerprint (default: <repository root>/.moedd/checkpoints, "
+             "the root being $DVC_ROOT under DVC, so a queued experiment's state outlives its temporary copy).",
+    ),
 ]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _user_errors(fn: F) -> F:
-    """Turn expected user errors into one red line on stderr and exit code 1."""
+    """Turn expected user errors into one red line on stderr and exit code 1.
+
+    The line is printed unwrapped (``soft_wrap``) and any newline inside the message is joined, so
+    an error is exactly one line whatever the terminal width: scripts and tests can rely on it."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -49,25 +71,48 @@ def _user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (ConfigError, UnknownNameError, DataSourceError, SyntheticSetError, FileNotFoundError, ValueError) as err:
-            console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+            console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
 
 def _overrides(sets: list[str] | None, **named: Any) -> dict[str, Any]:
+    """The ``-S key=value`` overrides (values parsed as YAML, as ``dvc exp run -S``) and the named
+    options that were given, as dotted keys for :func:`load_params`."""
     out: dict[str, Any] = {}
     for item in sets or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"-S expects key=value, got '{item}'")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            what = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise ConfigError(f"-S {item}: the value is not valid YAML ({what})") from None
     out.update({k: v for k, v in named.items() if v is not None})
     return out
 
 
-def _params(path: Path, sets: list[str] | None, **named: Any) -> Params:
-    return load_params(path, _overrides(sets, **named))
+def _params(path: Path | None, sets: list[str] | None, **named: Any) -> Params:
+    """Load and validate the params: an explicit ``--params`` file must exist; without one,
+    params.yaml is read, or, if there is none, the built-in defaults are used and the log says so
+    (a run on defaults by mistake would otherwise look like any other)."""
+    overrides = _overrides(sets, **named)
+    if path is None:
+        if not DEFAULT_PARAMS.exists():
+            console.log(f"{DEFAULT_PARAMS} not found: using the built-in defaults")
+            return load_params(None, overrides)
+        path = DEFAULT_PARAMS
+    return load_params(path, overrides)
+
+
+def _checkpoints(option: Path | None) -> Path:
+    """--checkpoint-dir / $MOEDD_CHECKPOINT_DIR, else the repository root's .moedd/checkpoints."""
+    from moedd.tracking import checkpoint_root
+
+    return option if option is not None else checkpoint_root()
 
 
 def _csv_list(value: str | None, cast: Callable[[str], Any] = str) -> list[Any] | None:
@@ -82,7 +127,7 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> None:
 
 @app.command()
 @_user_errors
-def init(params_path: ParamsOpt = Path("params.yaml"), sets: SetOpt = None) -> None:
+def init(params_path: ParamsOpt = None, sets: SetOpt = None) -> None:
     """Create the MLflow store and experiment once (before parallel queued runs)."""
     from moedd.tracking import init_tracking, tracking_uri
 
@@ -97,7 +142,7 @@ def prepare(
     out: Annotated[Path, typer.Option(help="Directory of the prepared store.")] = Path("data/prepared"),
     source: Annotated[str | None, typer.Option(help="cifar10 | cifar100 | imagefolder (default: data.source).")] = None,
     root: Annotated[str | None, typer.Option(help="Download dir or image folder (default: data.root).")] = None,
-    params_path: ParamsOpt = Path("params.yaml"),
+    params_path: ParamsOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """Read the dataset from its source and store it as uint8 tensors with a digest."""
@@ -105,10 +150,11 @@ def prepare(
 
     params = _params(params_path, sets, **{"data.source": source, "data.root": root})
     t0 = time.perf_counter()
-    console.log(f"reading {params.data.source} from {params.data.root}")
+    # no "reading ..." line first: a source that is not there fails with its one-line error alone
     prep = save_prepared(load_source(params.data.source, params.data.root, params.data.download), out)
     console.log(
-        f"prepared {prep.name}: {len(prep.train_labels)} train / {len(prep.test_labels)} test images, "
+        f"prepared {prep.name} from {params.data.source} {params.data.root}: "
+        f"{len(prep.train_labels)} train / {len(prep.test_labels)} test images, "
         f"{prep.num_classes} classes, shape {prep.image_shape}, digest {prep.digest[:12]} "
         f"({time.perf_counter() - t0:.1f}s) -> {out}"
     )
@@ -121,7 +167,7 @@ def partition(
     prepared: Annotated[Path, typer.Option(help="Prepared store.")] = Path("data/prepared"),
     out: Annotated[Path | None, typer.Option(help="Partition file (default data/partitions/noe<N>.pt).")] = None,
     seed: Annotated[int | None, typer.Option(help="Partition seed (default: partition.seed).")] = None,
-    params_path: ParamsOpt = Path("params.yaml"),
+    params_path: ParamsOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """Split the training set into NoE class-balanced, disjoint shards (indices only)."""
@@ -149,19 +195,22 @@ def trajectories(
     teachers: Annotated[int | None, typer.Option(help="Teachers per shard (default: trajectories.num_teachers).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs per teacher (default: trajectories.epochs, else MTT's max_start_epoch + expert_epochs).")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N] (default: trajectories.device).")] = None,
-    params_path: ParamsOpt = Path("params.yaml"),
+    checkpoint_dir: CheckpointOpt = None,
+    params_path: ParamsOpt = None,
     sets: SetOpt = None,
 ) -> None:
-    """Train MTT teacher trajectories on every shard (resumable: finished teachers are kept)."""
+    """Train MTT teacher trajectories on every shard (resumable: finished teachers are kept, in the output
+    and, until the run is complete, under --checkpoint-dir/teachers, so that they outlive a queued experiment)."""
     params = _params(params_path, sets, **{
         "trajectories.num_teachers": teachers, "trajectories.epochs": epochs, "trajectories.device": device,
     })
     check_budget(params.distill.budget, noe)
     _run_trajectories(params, noe, prepared, partition_path or Path(f"data/partitions/noe{noe}.pt"),
-                      out or Path(f"data/trajectories/noe{noe}"), metrics)
+                      out or Path(f"data/trajectories/noe{noe}"), metrics, _checkpoints(checkpoint_dir) / "teachers")
 
 
-def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path, target: Path, metrics: Path | None) -> None:
+def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path, target: Path, metrics: Path | None,
+                      teacher_cache: Path | None = None) -> None:
     import mlflow
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -210,7 +259,7 @@ def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path,
                 state = "kept" if rec.skipped else "trained"
                 b.update(f"shard {rec.shard}", (rec.index + 1) * epochs, f"teacher {rec.index} {state}, test acc {100 * rec.test_acc:.1f}%")
 
-            result = train_teachers(params, prep, part, target, device, on_epoch, on_teacher)
+            result = train_teachers(params, prep, part, target, device, on_epoch, on_teacher, teacher_cache)
         out = summarize(result)
         mlflow.log_metrics({"test_acc_mean": out["test_acc_mean"], "test_acc_std": out["test_acc_std"],
                             "trained": result.trained, "kept": result.skipped, "seconds": result.seconds,
@@ -253,9 +302,9 @@ def distill(
     out: Annotated[Path | None, typer.Option(help="Synthetic set directory (default data/synthetic/<expert>-noe<N>).")] = None,
     metrics: Annotated[Path | None, typer.Option(help="Summary metrics JSON (for DVC).")] = None,
     plots: Annotated[Path | None, typer.Option(help="Loss curve CSV (for DVC plots).")] = None,
-    checkpoint_dir: Annotated[Path, typer.Option(help="Where resumable checkpoints live.")] = Path(".moedd/checkpoints"),
+    checkpoint_dir: CheckpointOpt = None,
     trajectories: Annotated[Path | None, typer.Option(help="Teacher trajectories of the shards (MTT; default data/trajectories/noe<N>).")] = None,
-    params_path: ParamsOpt = Path("params.yaml"),
+    params_path: ParamsOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """Distill the training set with NoE experts of one method, jointly, on their own shards."""
@@ -269,7 +318,8 @@ def distill(
     ipc = check_budget(params.distill.budget, noe)
     if expert == "mtt" and trajectories is None:
         trajectories = Path(f"data/trajectories/noe{noe}")
-    _run_distill(params, expert, noe, ipc, prepared, partition_path, out, metrics, plots, checkpoint_dir, trajectories)
+    _run_distill(params, expert, noe, ipc, prepared, partition_path, out, metrics, plots, _checkpoints(checkpoint_dir),
+                 trajectories)
 
 
 def _run_distill(
@@ -297,7 +347,6 @@ def _run_distill(
         if part.noe != noe:
             raise ConfigError(f"{part_file} has {part.noe} shards but --noe is {noe}")
     else:
-        console.log(f"{part_file} not found: partitioning in memory (seed {params.partition.seed})")
         part = make_partition(prep.train_labels, prep.num_classes, noe, params.partition.seed, prep.digest)
     traj = None
     if trajectories_path is not None:
@@ -307,6 +356,8 @@ def _run_distill(
             raise ConfigError(f"{trajectories_path} not found: run `moedd trajectories --noe {noe}` first")
         traj = load_trajectories(trajectories_path)
     validate_run(expert, params, prep, part, device, traj)  # before any work or tracking
+    if not part_file.exists():  # said after validation: a bad input stays one line
+        console.log(f"{part_file} not found: partitioned in memory (seed {params.partition.seed})")
     cfg, preset = method_config(params, expert, ipc)
     total = int(getattr(cfg, "iterations", 0))
     target = out or Path(f"data/synthetic/{expert}-noe{noe}")
@@ -389,15 +440,20 @@ def evaluate(
     epochs: Annotated[int | None, typer.Option(help="Training epochs (default: evaluate.epochs).")] = None,
     fusion: Annotated[str | None, typer.Option(help="mixup | none (default: fusion.kind).")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N].")] = None,
-    params_path: ParamsOpt = Path("params.yaml"),
+    params_path: ParamsOpt = None,
     sets: SetOpt = None,
+    checkpoint_dir: CheckpointOpt = None,
 ) -> None:
-    """Train every evaluation network on the fused synthetic set; test on the real test set."""
+    """Train every evaluation network on the fused synthetic set; test on the real test set.
+
+    Each finished (network, seed) unit is recorded and the unit in training is checkpointed every
+    evaluate.checkpoint_every epochs under --checkpoint-dir/evaluate, keyed by a fingerprint of the
+    set, protocol and test data: the same command after an interruption continues there."""
     import mlflow
 
     from moedd.data import load_prepared
     from moedd.device import resolve_device
-    from moedd.evaluate import evaluate_synthetic, fusion_effective
+    from moedd.evaluate import EvaluationCheckpoints, evaluate_synthetic, fusion_effective
     from moedd.nets import DISPLAY_NAMES
     from moedd.paper import dataset_key
     from moedd.synthetic import check_matches, load_synthetic
@@ -423,13 +479,19 @@ def evaluate(
         console.log(f"{name}: {len(cfg.nets)} nets x {len(cfg.seeds)} seeds x {cfg.epochs} epochs, fusion {fused}, device {dev}, MLflow run {run.info.run_id[:8]}")
         log_input(synthetic, f"synthetic-{m.method}-noe{m.noe}", "synthetic", ",".join(x.sha256[:16] for x in syn.metas))
         log_input(prepared, "prepared", "data", prep.digest)
+        store = EvaluationCheckpoints.for_cell(_checkpoints(checkpoint_dir) / "evaluate", f"{m.method}-{m.ipc}x{m.noe}",
+                                               syn, prep.test_images, prep.test_labels, cfg, params.fusion)
+        for other in store.others():
+            console.log(f"ignoring {other}: evaluation checkpoints of another protocol, set or test data")
         per_net = len(cfg.seeds) * cfg.epochs
         with bars() as b:
             for net in cfg.nets:
                 b.add(DISPLAY_NAMES.get(net, net), per_net)
             accs: dict[str, list[float]] = {n: [] for n in cfg.nets}
+            trained: set[tuple[str, int]] = set()
 
             def on_epoch(net: str, seed: int, epoch: int) -> None:
+                trained.add((net, seed))
                 i = cfg.seeds.index(seed)
                 done = accs[net]
                 status = f"seed {seed}" + (f", acc {100 * sum(done) / len(done):.2f}%" if done else "")
@@ -437,8 +499,16 @@ def evaluate(
 
             def on_result(net: str, seed: int, acc: float) -> None:
                 accs[net].append(acc)
+                if (net, seed) not in trained:  # restored as finished: move the bar past it
+                    on_epoch(net, seed, cfg.epochs)
 
-            results = evaluate_synthetic(syn, prep.test_images, prep.test_labels, cfg, params.fusion, dev, on_result, on_epoch)
+            def on_resume(net: str, seed: int, epoch: int, done: int) -> None:
+                what = f"resumed {net} seed {seed} at epoch {epoch}/{cfg.epochs}; {done} units done"
+                console.log(f"{what} (checkpoints {store.dir})")
+                mlflow.set_tag("moedd.resumed", what)
+
+            results = evaluate_synthetic(syn, prep.test_images, prep.test_labels, cfg, params.fusion, dev, on_result,
+                                         on_epoch, store, on_resume)
         for net, res in results.items():
             with child_run(f"{DISPLAY_NAMES.get(net, net)}", {"net": net, "expert": m.method, "noe": m.noe, "ipc": m.ipc}, {"stage": "evaluate"}):
                 for i, acc in enumerate(res.accs):
@@ -448,6 +518,7 @@ def evaluate(
             out["nets"][net] = {"mean": round(100 * res.mean, 2), "std": round(100 * res.std, 2),
                                 "accs": [round(100 * a, 2) for a in res.accs]}
         _write_json(metrics, out)
+        store.clear()  # the cell is done and its metrics are kept
     for net, r in out["nets"].items():
         console.log(f"{DISPLAY_NAMES.get(net, net):>10}: {r['mean']:.2f} ± {r['std']:.2f} %")
 
@@ -457,7 +528,7 @@ def evaluate(
 def report(
     metrics_dir: Annotated[Path, typer.Option(help="Directory of evaluate metrics JSON files.")] = Path("metrics/evaluate"),
     out: Annotated[Path | None, typer.Option(help="Write the table as Markdown here too.")] = None,
-    params_path: ParamsOpt = Path("params.yaml"),
+    params_path: ParamsOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """Print the cross-architecture table (ours beside the paper's where the setting matches)."""

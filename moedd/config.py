@@ -10,10 +10,10 @@ data (``moedd.data.partition.check_ipc_fits``) and also run before any long comp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -25,6 +25,23 @@ class _Section(BaseModel):
 
 
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+
+def _check_dsa(v: str, allow_none: bool = False) -> str:
+    """Refuse a DSA strategy naming an unknown group here, at load time: the augmentation itself is
+    only built once a run has started (an MLflow run open, a checkpoint directory made)."""
+    if allow_none and v == "none":
+        return v
+    from moedd.augment.dsa import DSAParams
+
+    DSAParams(strategy=v)  # raises ValueError naming the unknown group(s) and the known ones
+    return v
+
+
+DSAStrategy = Annotated[str, AfterValidator(_check_dsa)]
+"""Underscore-separated DSA groups (``moedd.augment.dsa.GROUPS``), validated when params load."""
+OptionalDSAStrategy = Annotated[str, AfterValidator(lambda v: _check_dsa(v, allow_none=True))]
+"""A DSA strategy, or "none" for no augmentation (IDC's two strategies)."""
 
 
 class DataConfig(_Section):
@@ -126,7 +143,7 @@ class DMExpertConfig(_Section):
     batch_real: int = Field(256, ge=1)
     """Real images per class per iteration (drawn from the expert's own shard)."""
     init: Literal["real", "noise"] = "real"
-    dsa_strategy: str = DSA_STRATEGY
+    dsa_strategy: DSAStrategy = DSA_STRATEGY
     bf16: bool = False
     """Run the network forward under bfloat16 autocast (faster on CPUs/GPUs that have it)."""
     real_chunk: int = Field(0, ge=0)
@@ -161,7 +178,7 @@ class IDMExpertConfig(_Section):
     net_weight_decay: float = Field(0.0005, ge=0)
     factor: Literal[1, 2] = 2
     """Partitioning & expansion factor (2 = each stored image decodes into 4 quadrants)."""
-    dsa_strategy: str = DSA_STRATEGY
+    dsa_strategy: DSAStrategy = DSA_STRATEGY
 
 
 class IDCExpertConfig(_Section):
@@ -186,8 +203,8 @@ class IDCExpertConfig(_Section):
     mix_beta: float = Field(1.0, gt=0)
     factor: Literal[1, 2] = 2
     """Multi-formation factor (2 = each stored image decodes into 4 quadrants)."""
-    match_dsa_strategy: str = "color_crop_cutout"
-    net_dsa_strategy: str = "color_crop"
+    match_dsa_strategy: OptionalDSAStrategy = "color_crop_cutout"
+    net_dsa_strategy: OptionalDSAStrategy = "color_crop"
     metric: Literal["mse", "l1", "cos"] = "mse"
     match_pass: Literal["auto", "grouped", "per_class"] = "auto"
     """How the class losses of a matching phase are computed (same result either way): "grouped"
@@ -231,7 +248,7 @@ class MTTExpertConfig(_Section):
     """Distill (and train teachers) in ZCA-whitened space (kornia math, eps 0.1, fitted on the
     full training set)."""
     zca_eps: float = Field(0.1, gt=0)
-    dsa_strategy: str = DSA_STRATEGY
+    dsa_strategy: DSAStrategy = DSA_STRATEGY
     max_memory_gb: float | None = Field(None, gt=0)
     """Refuse a run whose estimated peak memory exceeds this (None = the device's memory)."""
     cuda_graph: bool = False
@@ -254,7 +271,7 @@ class TrajectoriesConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1)
     dsa: bool = True
-    dsa_strategy: str = DSA_STRATEGY
+    dsa_strategy: DSAStrategy = DSA_STRATEGY
     seed: int = 0
     device: str = "auto"
     test_batch_size: int = Field(1000, ge=1)
@@ -302,9 +319,13 @@ class EvaluateConfig(_Section):
     weight_decay: float = Field(0.0005, ge=0)
     batch_size: int = Field(256, ge=1)
     dsa: bool = True
-    dsa_strategy: str = DSA_STRATEGY
+    dsa_strategy: DSAStrategy = DSA_STRATEGY
     test_batch_size: int = Field(1000, ge=1)
     device: str = "auto"
+    checkpoint_every: int = Field(100, ge=1)
+    """Epochs between checkpoints of the (network, seed) unit in training, so that `moedd evaluate`
+    resumes an interrupted unit there (finished units are kept anyway). Speed only: it changes no
+    result, so it is not part of the checkpoint fingerprint."""
 
     @field_validator("nets")
     @classmethod
@@ -410,11 +431,39 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[existing(node, leaf)] = value
 
 
+def read_params_file(path: Path) -> dict[str, Any]:
+    """The sections of params file ``path`` (an empty file = no sections).
+
+    Raises:
+        ConfigError: one line for a missing or unreadable file, malformed YAML (with the 1-based
+            line and column where the parser stopped, instead of yaml's multi-line report) or a
+            file that is not a mapping of sections.
+    """
+    if not path.is_file():
+        raise ConfigError(f"params file {path} {'is not a file' if path.exists() else 'not found'}")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(err.problem or err.context or "malformed YAML").split())
+        raise ConfigError(f"params file {path} is not valid YAML{where}: {what}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"cannot read params file {path}: {' '.join(str(err).split())}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"params file {path} must hold a mapping of sections, not a {type(tree).__name__}")
+    return tree
+
+
 def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read, override and validate the params file.
 
     Args:
-        path: params.yaml to read; ``None`` or a missing file means all defaults.
+        path: params file to read; ``None`` means all defaults. A path that does not exist is an
+            error, not the defaults, so a mistyped ``--params`` cannot silently run the defaults
+            (the CLI decides what a missing default params.yaml means: ``moedd.cli.main._params``).
         overrides: dotted keys (``"experts.dm.iterations"``) to values, applied after reading;
             ``None`` values are ignored so CLI options that were not given keep params.yaml values.
 
@@ -422,14 +471,10 @@ def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, An
         The frozen, validated parameters.
 
     Raises:
-        ConfigError: one line naming the offending key, for any invalid or unknown value.
+        ConfigError: one line naming the offending key, for any invalid or unknown value, or the
+            file (and line and column) for a missing, unreadable or malformed params file.
     """
-    tree: dict[str, Any] = {}
-    if path is not None and Path(path).exists():
-        with open(path) as fh:
-            tree = yaml.safe_load(fh) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections")
+    tree = read_params_file(Path(path)) if path is not None else {}
     for key, value in (overrides or {}).items():
         if value is not None:
             set_dotted(tree, key, value)
@@ -438,6 +483,8 @@ def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, An
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "params"
+        if first["type"] == "extra_forbidden":  # pydantic says "Extra inputs are not permitted"
+            raise ConfigError(f"unknown key {where}: no such setting (a typo?)") from None
         msg = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"invalid {where}: {msg}") from None
     except (ConfigError, KeyError) as err:

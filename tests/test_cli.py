@@ -101,6 +101,19 @@ def test_user_errors_are_one_line_and_exit_1(
     assert result.output.rstrip().endswith(errors[0].rstrip())  # the error is the last word
 
 
+def test_missing_default_params_yaml_means_defaults_and_says_so(tmp_path: Path, mlflow_uri: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --params and without params.yaml the built-in defaults are used, and the first line
+    says so; the same file named explicitly is an error (see tests/test_bad_inputs.py)."""
+    monkeypatch.chdir(tmp_path)
+    result = _ok(["init"])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert "params.yaml not found: using the built-in defaults" in lines[0]
+    assert "experiment 'moedd'" in result.output
+    missing = runner.invoke(app, ["init", "--params", "params.yaml"])
+    assert missing.exit_code == 1 and missing.output.strip() == "error: params file params.yaml not found"
+
+
 def test_list_shows_registries() -> None:
     out = _ok(["list"]).output
     assert "dm" in out and "resnet18" in out and "imagefolder" in out

@@ -34,7 +34,9 @@ def test_missing_file_means_defaults() -> None:
         ({"evaluate.seeds": [1, 1]}, "distinct"),
         ({"fusion.kind": "concat"}, "fusion.kind"),
         ({"mlflow.tracking_uri": "./mlruns"}, "file store is deprecated"),
-        ({"distill.bogus": 1}, "distill.bogus"),
+        ({"distill.bogus": 1}, "unknown key distill.bogus"),
+        ({"experts.dm.dsa_strategy": "color_blur"}, "unknown DSA group(s) ['blur']"),
+        ({"experts.idc.match_dsa_strategy": "crop_warp"}, "experts.idc.match_dsa_strategy"),
     ],
 )
 def test_invalid_values_fail_with_one_line(overrides: dict, fragment: str) -> None:
@@ -43,6 +45,27 @@ def test_invalid_values_fail_with_one_line(overrides: dict, fragment: str) -> No
     msg = str(err.value)
     assert fragment in msg
     assert "\n" not in msg
+
+
+def test_dsa_none_is_allowed_where_it_means_no_augmentation() -> None:
+    assert load_params(None, {"experts.idc.net_dsa_strategy": "none"}).experts.idc.net_dsa_strategy == "none"
+    with pytest.raises(ConfigError, match="unknown DSA group"):
+        load_params(None, {"experts.dm.dsa_strategy": "none"})  # DM's DSA has no "off" strategy
+
+
+def test_params_file_missing_or_malformed_is_one_line(tmp_path: Path) -> None:
+    """A given params file must exist (no silent defaults), and bad YAML names the 1-based line and column."""
+    with pytest.raises(ConfigError, match="params file .*nope.yaml not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distill:\n  budget: 4\n  net: a: b\nevaluate: {}\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(bad)
+    msg = str(err.value)
+    assert "bad.yaml is not valid YAML at line 3, column 9: mapping values are not allowed here" in msg
+    assert "\n" not in msg
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_params(tmp_path / "empty.yaml") == Params()
 
 
 def test_overrides_apply_and_none_is_ignored(tmp_path: Path) -> None:
