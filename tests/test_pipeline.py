@@ -124,7 +124,11 @@ def test_queued_experiments_lose_no_mlflow_runs(repo) -> None:
     _run(["git", "commit", "-qm", "lock", "--allow-empty"], root, env)
     for name, seed in (("qa", 5), ("qb", 6)):
         _run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"evaluate.seeds=[{seed}]"], root, env)
-    _run(["dvc", "queue", "start", "-j", "2"], root, env)
+    # the workers it starts inherit its stdout: with captured output, the call would wait for them
+    # to finish (and time out on a loaded machine); the loop below waits for them instead
+    started = subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    assert started.returncode == 0
     deadline = time.time() + 540
     while time.time() < deadline:
         status = _run(["dvc", "queue", "status"], root, env)
