@@ -20,6 +20,7 @@ import yaml
 
 from rich.markup import escape
 
+from moedd._atomic import atomic_file
 from moedd.cli.progress import bars, console
 from moedd.config import ConfigError, Params, check_budget, flatten, load_params
 from moedd.registry import UnknownNameError
@@ -122,7 +123,8 @@ def _csv_list(value: str | None, cast: Callable[[str], Any] = str) -> list[Any] 
 def _write_json(path: Path | None, data: dict[str, Any]) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        with atomic_file(path) as tmp:  # a kill leaves the old file or the new one
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 @app.command()
@@ -422,7 +424,7 @@ def _write_plots(path: Path | None, history: list[dict[str, float]]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = ["step", "loss", "match", "dcor"]
-    with open(path, "w", newline="") as fh:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(keys)
         for row in history:
