@@ -140,6 +140,30 @@ def init(params_path: ParamsOpt = None, sets: SetOpt = None) -> None:
 
 @app.command()
 @_user_errors
+def ui(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 5000,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default; the UI has no login).")] = "127.0.0.1",
+    params_path: ParamsOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Serve the MLflow UI on the project's store (the one every stage logs to) and print its URL."""
+    import os
+    import sys
+
+    from moedd.tracking import init_tracking, tracking_uri
+
+    params = _params(params_path, sets)
+    init_tracking(params.mlflow)  # the store and its experiment exist, marked as model training
+    uri = tracking_uri(params.mlflow)
+    console.print(f"MLflow UI on {uri}: http://{host}:{port}  (Ctrl-C stops it)", soft_wrap=True)
+    sys.stdout.flush()
+    # the server replaces this process, so Ctrl-C and kill reach it directly
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                              "--host", host, "--port", str(port), "--workers", "1"])
+
+
+@app.command()
+@_user_errors
 def prepare(
     out: Annotated[Path, typer.Option(help="Directory of the prepared store.")] = Path("data/prepared"),
     source: Annotated[str | None, typer.Option(help="cifar10 | cifar100 | imagefolder (default: data.source).")] = None,

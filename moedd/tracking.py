@@ -33,6 +33,10 @@ import yaml
 
 from moedd.config import MlflowConfig, Params, flatten
 
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""Marks the experiment as model training, so MLflow 3's UI opens it on the runs table (its
+GenAI overview of traces is the default for an experiment without this tag)."""
+
 PIPELINE_TAG = "moedd.pipeline"
 ROLE_TAG = "moedd.role"
 """'pipeline' on the one parent run of a pipeline run (its stage runs share its pipeline tag)."""
@@ -93,9 +97,12 @@ def init_tracking(cfg: MlflowConfig) -> str:
         exp = mlflow.get_experiment_by_name(cfg.experiment)
         if exp is None:
             artifacts = (project_root() / "mlartifacts").as_uri()
-            exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+            exp_id = mlflow.create_experiment(cfg.experiment, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
         else:
             exp_id = exp.experiment_id
+            for key, value in EXPERIMENT_TAGS.items():  # stores made before the tag existed
+                if exp.tags.get(key) != value:
+                    mlflow.MlflowClient().set_experiment_tag(exp_id, key, value)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
