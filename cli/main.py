@@ -560,7 +560,7 @@ def report(
     """Print the cross-architecture table (ours beside the paper's where the setting matches)."""
     from rich.console import Console
 
-    from moedd.report import collect, protocol_line, render_markdown, render_table
+    from moedd.report import collect, protocol_line, render_markdown, render_table, run_metrics
 
     params = _params(params_path, sets)
     rows = collect(sorted(metrics_dir.glob("*.json")))
@@ -577,7 +577,12 @@ def report(
 
         from moedd.tracking import parent_run_id
 
-        MlflowClient().log_text(parent_run_id(params), md, "report/table.md")
+        from mlflow.entities import Metric
+
+        parent, now = parent_run_id(params), int(time.time() * 1000)
+        MlflowClient().log_text(parent, md, "report/table.md")
+        # every cell on the parent run: DVC skips cached stages, the report sees them all
+        MlflowClient().log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in run_metrics(rows).items()])
     except Exception as err:  # the table is printed either way; MLflow is a bonus here
         console.log(f"could not log the report to MLflow: {err}")
 

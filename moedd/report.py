@@ -113,3 +113,23 @@ def render_table(cells: list[Cell]) -> Table:
     for row in body:
         table.add_row(*row)
     return table
+
+
+def run_metrics(cells: list[Cell]) -> dict[str, float]:
+    """The cells as MLflow metrics of the pipeline (parent) run, so that experiments compare side
+    by side in the runs table and the chart view: ``acc/<dataset>/b<budget>/<IPC>x<NoE>/<method>/<net>``
+    (mean, percent), ``acc_std/...`` (std over seeds) and, for every mixture (NoE > 1) with a
+    single-expert cell of the same dataset, budget, method and network,
+    ``gain/<dataset>/b<budget>/<IPC>x<NoE>/<method>/<net>`` = mixture mean − single mean.
+    ``<dataset>`` is the paper's name (``cifar10``, ``cifar100``) or ``custom``."""
+    out: dict[str, float] = {}
+    single = {(c.dataset, c.budget, c.method, c.net): c for c in cells if c.noe == 1}
+    for c in cells:
+        where = f"{c.dataset or 'custom'}/b{c.budget}/{c.config}/{c.method}/{c.net}"
+        out[f"acc/{where}"] = c.mean
+        out[f"acc_std/{where}"] = c.std
+        base = single.get((c.dataset, c.budget, c.method, c.net))
+        if c.noe > 1 and base is not None:
+            out[f"gain/{where}"] = round(c.mean - base.mean, 4)
+    return out
+

@@ -92,6 +92,11 @@ def test_mlflow_holds_the_runs_with_dvc_lineage(repo) -> None:
     by_name = {r.info.run_name: r for r in runs}
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1, [r.info.run_name for r in parents]
+    cells = parents[0].data.metrics  # logged by the report stage: every cell of the pipeline run
+    assert {"acc/custom/b4/2x2/dm/convnet3", "acc/custom/b4/4x1/dm/convnet3", "acc/custom/b4/2x2/mtt/convnet3",
+            "gain/custom/b4/2x2/dm/convnet3"} <= set(cells), sorted(cells)
+    assert cells["gain/custom/b4/2x2/dm/convnet3"] == round(
+        cells["acc/custom/b4/2x2/dm/convnet3"] - cells["acc/custom/b4/4x1/dm/convnet3"], 4)
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     stages = [r for r in runs if "stage" in r.data.tags and "mlflow.parentRunId" in r.data.tags
               and r.info.run_name.split()[0] in ("trajectories", "distill", "evaluate")]
