@@ -20,7 +20,7 @@ import yaml
 
 from rich.markup import escape
 
-from moedd._atomic import atomic_file
+from moedd._atomic import atomic_file, write_text
 from moedd.cli.progress import bars, console
 from moedd.config import ConfigError, Params, check_budget, flatten, load_params
 from moedd.registry import UnknownNameError
@@ -122,9 +122,7 @@ def _csv_list(value: str | None, cast: Callable[[str], Any] = str) -> list[Any] 
 
 def _write_json(path: Path | None, data: dict[str, Any]) -> None:
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as tmp:  # a kill leaves the old file or the new one
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
+        write_text(path, json.dumps(data, indent=2) + "\n")  # a kill leaves the old file or the new one
 
 
 @app.command()
@@ -446,7 +444,6 @@ def _run_distill(
 def _write_plots(path: Path | None, history: list[dict[str, float]]) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     keys = ["step", "loss", "match", "dcor"]
     with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)

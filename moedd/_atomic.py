@@ -26,6 +26,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 _TMP, _OLD = "tmp", "old"
 
@@ -100,6 +101,20 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_torch(obj: Any, target: str | Path) -> None:
+    """``torch.save(obj, target)`` through :func:`atomic_file` (checkpoints, teachers, unit states)."""
+    import torch  # lazily: the CLI imports this module before it knows whether it needs torch
+
+    with atomic_file(target) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_text(target: str | Path, text: str) -> None:
+    """``Path(target).write_text(text)`` through :func:`atomic_file`."""
+    with atomic_file(target) as tmp:
+        tmp.write_text(text)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moedd._atomic import atomic_file
+from moedd._atomic import save_torch
 from moedd.config import ConfigError, Params, check_budget
 from moedd.data import Partition, Prepared, check_ipc_fits
 from moedd.experts import EXPERTS, DistillContext, ExpertMethod, RunSpec
@@ -112,13 +112,6 @@ def fingerprint(name: str, params: Params, prepared: Prepared, partition: Partit
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``path`` atomically: a kill never leaves a half-written checkpoint (and the
-    temporary file a killed run left is removed)."""
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
-
-
 def optimise(
     method: ExpertMethod,
     checkpoint: Path | None = None,
@@ -161,10 +154,10 @@ def optimise(
             flush(done)
         if checkpoint is not None and done % checkpoint_every == 0 and done < total:
             flush(done)
-            _save_checkpoint(checkpoint, {
+            save_torch({
                 "fingerprint": fp, "iteration": done, "syn": syn.detach(),
                 "method": method.state_dict(), "history": history,
-            })
+            }, checkpoint)  # atomic: a kill never leaves a half-written checkpoint
     return syn.detach(), history, start
 
 

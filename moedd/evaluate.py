@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moedd._atomic import atomic_file
+from moedd._atomic import save_torch, write_text
 from moedd.augment import DSA, DSAParams
 from moedd.config import ConfigError, EvaluateConfig, FusionConfig
 from moedd.device import memory_format_for
@@ -271,11 +271,6 @@ class UnitRecord:
     seconds: float
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    with atomic_file(path) as tmp:  # per-process temporary name: units may run in several processes
-        write(tmp)
-
-
 class EvaluationCheckpoints:
     """The resumable state of one cell's evaluation, in ``root/<name>-<fingerprint>/``.
 
@@ -322,7 +317,7 @@ class EvaluationCheckpoints:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         blob = json.dumps({"fingerprint": self.fingerprint, "contents": self.contents}, indent=2, sort_keys=True)
-        _atomic_write(fp, lambda p: p.write_text(blob))
+        write_text(fp, blob)
 
     def _unit(self, net: str, seed: int, suffix: str) -> Path:
         return self.dir / f"{net}-seed{seed}{suffix}"
@@ -340,7 +335,7 @@ class EvaluationCheckpoints:
         """Record a finished unit (then its training checkpoint is dropped)."""
         self._prepare()
         blob = json.dumps({"fingerprint": self.fingerprint, **asdict(record)})
-        _atomic_write(self._unit(record.net, record.seed, ".json"), lambda p: p.write_text(blob))
+        write_text(self._unit(record.net, record.seed, ".json"), blob)
         self._unit(record.net, record.seed, ".pt").unlink(missing_ok=True)
 
     def load_state(self, net: str, seed: int) -> dict[str, Any] | None:
@@ -355,7 +350,7 @@ class EvaluationCheckpoints:
     def save_state(self, net: str, seed: int, state: dict[str, Any]) -> None:
         """Keep the training state of a unit (atomically)."""
         self._prepare()
-        _atomic_write(self._unit(net, seed, ".pt"), lambda p: torch.save({"fingerprint": self.fingerprint, **state}, p))
+        save_torch({"fingerprint": self.fingerprint, **state}, self._unit(net, seed, ".pt"))
 
     def clear(self) -> None:
         """Remove this cell's checkpoints (once its metrics are written)."""

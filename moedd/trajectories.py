@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from moedd._atomic import atomic_file
+from moedd._atomic import atomic_file, save_torch, write_text
 from moedd.augment import DSA, DSAParams
 from moedd.config import ConfigError, MTTExpertConfig, Params, TrajectoriesConfig, check_budget
 from moedd.data import Partition, Prepared, check_ipc_fits
@@ -310,12 +310,6 @@ def _read_teacher(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _save_atomic(path: Path, obj: Any) -> None:
-    """An interruption never leaves a half-written teacher (``moedd._atomic.atomic_file``)."""
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def _publish(src: Path, dst: Path) -> None:
     """Put the finished teacher file ``src`` at ``dst`` atomically: a hard link where both lie on
     one filesystem (no second copy; safe since teacher files are only ever replaced, never
@@ -415,8 +409,7 @@ def train_teachers(
             if on_teacher is not None:
                 on_teacher(rec)
     meta = _meta(params, prepared, partition, epochs, space, records)
-    with atomic_file(out / META_FILE) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
     if cache is not None:  # complete: the output holds every teacher now
         for fp in (r.fingerprint for shard_recs in records for r in shard_recs):
             (cache / f"{fp}.pt").unlink(missing_ok=True)
@@ -436,10 +429,10 @@ def _train_one(
     from moedd.evaluate import test_accuracy
 
     test_acc = test_accuracy(run.net, test_x, test_y, cfg.test_batch_size)
-    _save_atomic(path, {
+    save_torch({
         "fingerprint": fp, "shard": k, "index": i, "seed": teacher_seed(cfg.seed, k, i), "epochs": epochs,
         "trajectory": run.trajectory, "train_acc": run.train_acc, "train_loss": run.train_loss, "test_acc": test_acc,
-    })
+    }, path)
     return TeacherRecord(k, i, fp, run.train_acc, run.train_loss, test_acc, seconds=time.perf_counter() - t0)
 
 

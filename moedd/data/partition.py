@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moedd._atomic import atomic_file
+from moedd._atomic import save_torch
 from moedd.config import ConfigError
 
 
@@ -57,9 +57,7 @@ def make_partition(labels: Tensor, num_classes: int, noe: int, seed: int, data_d
 
 def save_partition(part: Partition, path: str | Path) -> None:
     """Write a partition file (a small .pt with indices and provenance)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:  # a kill leaves the old file or the new one
-        torch.save({"shards": part.shards, "seed": part.seed, "data_digest": part.data_digest}, tmp)
+    save_torch({"shards": part.shards, "seed": part.seed, "data_digest": part.data_digest}, path)  # atomic
 
 
 def load_partition(path: str | Path) -> Partition:
