@@ -22,7 +22,8 @@ from rich.markup import escape
 
 from moedd._atomic import atomic_file, write_text
 from moedd.cli.progress import bars, console
-from moedd.config import ConfigError, Params, check_budget, flatten, load_params
+from moedd.config import ConfigError, check_budget, flatten
+from moedd.params import Params, load_params
 from moedd.registry import UnknownNameError
 
 app = typer.Typer(
@@ -357,8 +358,7 @@ def _run_distill(
 
     from moedd.data import load_partition, load_prepared, make_partition
     from moedd.device import resolve_device
-    from moedd.distill import run_distillation, validate_run
-    from moedd.presets import method_config
+    from moedd.distill import plan_run, run_distillation
     from moedd.synthetic import save_synthetic
     from moedd.tracking import git_commit, log_input, stage_run
     from moedd.visualize import expert_grid
@@ -379,10 +379,10 @@ def _run_distill(
         if not trajectories_path.exists():
             raise ConfigError(f"{trajectories_path} not found: run `moedd trajectories --noe {noe}` first")
         traj = load_trajectories(trajectories_path)
-    validate_run(expert, params, prep, part, device, traj)  # before any work or tracking
+    plan = plan_run(expert, params, prep, part, device, traj)  # before any work or tracking
     if not part_file.exists():  # said after validation: a bad input stays one line
         console.log(f"{part_file} not found: partitioned in memory (seed {params.partition.seed})")
-    cfg, preset = method_config(params, expert, ipc)
+    cfg, preset = plan.config, plan.preset
     total = int(getattr(cfg, "iterations", 0))
     target = out or Path(f"data/synthetic/{expert}-noe{noe}")
     stage_params = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget, "device": str(device),
@@ -417,7 +417,7 @@ def _run_distill(
                         client.log_batch(cid, metrics=ms)
 
             try:
-                result = run_distillation(expert, params, prep, part, device, checkpoint_dir, on_log, git_commit(), traj)
+                result = run_distillation(expert, params, prep, part, device, checkpoint_dir, on_log, git_commit(), traj, plan)
             except BaseException as err:  # interrupted or failed: the expert runs must not stay RUNNING
                 status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
                 for cid in child_ids:

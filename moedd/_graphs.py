@@ -1,5 +1,5 @@
-"""CUDA-graph capture for the experts' graph runners (``moedd.experts.mtt_graph``,
-``moedd.experts.idc_graph``): warm-up, generator registration, capture, and a check that this
+"""CUDA-graph capture for the experts' graph runners (``moedd.experts._mtt_graph``,
+``moedd.experts._idc_graph``): warm-up, generator registration, capture, and a check that this
 PyTorch replays random draws the way the runners rely on.
 
 The runners draw their randomness inside the graph from their own ``torch.Generator`` objects,

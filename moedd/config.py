@@ -1,26 +1,31 @@
-"""Typed configuration: one frozen pydantic model per ``params.yaml`` section.
+"""Typed configuration of the pipeline's stages: one frozen pydantic model per ``params.yaml`` section.
 
-``load_params`` is the single entry point: it reads params.yaml, applies overrides (from the
-CLI), validates everything and returns a frozen :class:`Params`. Validation happens here,
-before any data is loaded or any network is built, so bad input costs one clear line and no
-compute. Checks that need the data (IPC larger than a shard's smallest class) live next to the
-data (``moedd.data.partition.check_ipc_fits``) and also run before any long computation.
+The stage sections (data, partition, grid, distill, trajectories, fusion, evaluate, mlflow) live
+here; each expert method's section ``experts.<name>`` lives next to the method, in its own module
+under ``moedd.experts`` (a subclass of :class:`Section`). ``moedd.params`` assembles all of them,
+with the per-setting presets, into the validated ``Params`` of a run. Validation happens before
+any data is loaded or any network is built, so bad input costs one clear line and no compute.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from moedd.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ConfigError"]  # re-exported: the error type every config check raises
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration problem; its message is one line."""
+class Section(BaseModel):
+    """A params.yaml section: frozen, and unknown keys are errors (a typo never passes silently)."""
 
-
-class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -44,7 +49,7 @@ OptionalDSAStrategy = Annotated[str, AfterValidator(lambda v: _check_dsa(v, allo
 """A DSA strategy, or "none" for no augmentation (IDC's two strategies)."""
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the real images come from (the ``prepare`` stage)."""
 
     source: str = "cifar10"
@@ -63,13 +68,13 @@ class DataConfig(_Section):
         return v
 
 
-class PartitionConfig(_Section):
+class PartitionConfig(Section):
     """How the training set is split into NoE disjoint, class-balanced shards."""
 
     seed: int = 0
 
 
-class GridConfig(_Section):
+class GridConfig(Section):
     """The experiments ``dvc repro`` runs: every expert method x every number of experts."""
 
     experts: list[str] = ["random", "dm"]
@@ -99,7 +104,7 @@ class GridConfig(_Section):
         return v
 
 
-class DistillConfig(_Section):
+class DistillConfig(Section):
     """Settings shared by every expert method (the ``distill`` stage)."""
 
     budget: int = Field(10, ge=1)
@@ -128,139 +133,25 @@ class DistillConfig(_Section):
         return _check_device(v)
 
 
-class RandomExpertConfig(_Section):
-    """Random real images of the expert's own shard (the baseline; no optimisation)."""
 
-    iterations: Literal[0] = 0
+class NetTraining(Section):
+    """SGD settings of a network an expert trains on real data while it distills (IDC's network
+    of each outer iteration, IDM's queue networks); the defaults are both papers' values."""
 
-
-class DMExpertConfig(_Section):
-    """Distribution matching (Zhao & Bilen, WACV 2023); defaults from algorithms.md §5.1."""
-
-    iterations: int = Field(20000, ge=0)
-    lr_img: float = Field(1.0, gt=0)
-    momentum: float = Field(0.5, ge=0, lt=1)
-    batch_real: int = Field(256, ge=1)
-    """Real images per class per iteration (drawn from the expert's own shard)."""
-    init: Literal["real", "noise"] = "real"
-    dsa_strategy: DSAStrategy = DSA_STRATEGY
-    bf16: bool = False
-    """Run the network forward under bfloat16 autocast (faster on CPUs/GPUs that have it)."""
-    real_chunk: int = Field(0, ge=0)
-    """Images per no-grad forward of the real batch (speed/memory only); 0 = auto: 128 on CPU
-    (keeps activations cache- and allocator-friendly), the whole batch on CUDA."""
-
-
-class IDMExpertConfig(_Section):
-    """IDM (Zhao et al., CVPR 2023); defaults = CIFAR-10 IPC 10 row of algorithms.md §5.2."""
-
-    preset: str = "auto"
-    """Row of ``presets.idm`` to apply: auto (data.source) | cifar10 | cifar100 | none (moedd.presets)."""
-    iterations: int = Field(20000, ge=0)
-    lr_img: float = Field(0.2, gt=0)
-    momentum: float = Field(0.5, ge=0, lt=1)
-    batch_real: int = Field(256, ge=1)
-    """Real images per class per iteration (from the expert's own shard)."""
-    ce_weight: float = Field(0.5, ge=0)
-    """λ_ce of the class-aware CE term; multiplied by the net's running accuracy in PERCENT (as IDM)."""
-    net_num: int = Field(100, ge=1)
-    """Capacity of the queue of semi-trained networks."""
-    net_generate_interval: int = Field(30, ge=1)
-    """Iterations between pushing a new random network into the queue."""
-    train_net_num: int = Field(1, ge=1)
-    """Networks sampled from the queue for matching per iteration."""
-    fetch_net_num: int = Field(2, ge=0)
-    """Networks of the queue trained on real data after each iteration."""
-    model_train_steps: int = Field(10, ge=0)
-    trained_bs: int = Field(256, ge=1)
     net_lr: float = Field(0.01, gt=0)
     net_momentum: float = Field(0.9, ge=0, lt=1)
     net_weight_decay: float = Field(0.0005, ge=0)
-    factor: Literal[1, 2] = 2
-    """Partitioning & expansion factor (2 = each stored image decodes into 4 quadrants)."""
-    dsa_strategy: DSAStrategy = DSA_STRATEGY
+
+    def net_optimizer(self, net: torch.nn.Module) -> torch.optim.SGD:
+        """SGD over every parameter of ``net`` with these settings."""
+        import torch
+
+        return torch.optim.SGD(net.parameters(), lr=self.net_lr, momentum=self.net_momentum,
+                               weight_decay=self.net_weight_decay)
 
 
-class IDCExpertConfig(_Section):
-    """IDC (Kim et al., ICML 2022); defaults = CIFAR reproduce settings of algorithms.md §6."""
-
-    preset: str = "auto"
-    iterations: int = Field(2000, ge=0)
-    """Outer iterations (a fresh network each)."""
-    inner_loop: int = Field(100, ge=1)
-    """Matching steps per outer iteration, each followed by network training on real data."""
-    batch_real: int = Field(64, ge=1)
-    batch_syn_max: int = Field(128, ge=1)
-    lr_img: float | None = Field(None, gt=0)
-    """None = 5e-3 x IPC/10 (IDC's tune_lr_img for 32 px)."""
-    momentum: float = Field(0.5, ge=0, lt=1)
-    n_data: int = Field(2000, ge=1)
-    """Real samples the network trains on between matchings (CutMix + DSA)."""
-    net_lr: float = Field(0.01, gt=0)
-    net_momentum: float = Field(0.9, ge=0, lt=1)
-    net_weight_decay: float = Field(0.0005, ge=0)
-    mix_p: float = Field(0.5, ge=0, le=1)
-    mix_beta: float = Field(1.0, gt=0)
-    factor: Literal[1, 2] = 2
-    """Multi-formation factor (2 = each stored image decodes into 4 quadrants)."""
-    match_dsa_strategy: OptionalDSAStrategy = "color_crop_cutout"
-    net_dsa_strategy: OptionalDSAStrategy = "color_crop"
-    metric: Literal["mse", "l1", "cos"] = "mse"
-    match_pass: Literal["auto", "grouped", "per_class"] = "auto"
-    """How the class losses of a matching phase are computed (same result either way): "grouped"
-    = many classes per pass through grouped copies of the network (fewer, larger kernels; on the
-    2-core CPU 9 % faster since the grouped convolutions use moedd's double backward: median
-    3.95 vs 4.35 s per phase); "per_class" = one class per pass (least memory); "auto" = grouped
-    where the grouped copies cover the net, per-class otherwise."""
-    class_chunk: int | None = Field(10, ge=1)
-    """Classes whose gradients are matched in one grouped pass (None = all). The pass holds
-    NoE x class_chunk x (batch_real + decoded images) activations, so the default keeps CIFAR-100's
-    100 classes at CIFAR-10's memory (10 passes); raise it on a large GPU, lower it if short."""
-    cuda_graph: bool = False
-    """On a CUDA device, capture one inner step (matching phase and network update) as a CUDA
-    graph and replay it ``inner_loop`` times per outer iteration (``moedd.experts.idc_graph``):
-    one launch instead of thousands. CutMix's coin, λ and box are then drawn on the device (needs
-    ``mix_beta`` 1, i.e. λ ~ U(0, 1)). No effect on a CPU. Off by default until measured on a GPU
-    (benchmarks/README.md)."""
-
-
-class MTTExpertConfig(_Section):
-    """MTT (Cazenavette et al., CVPR 2022); defaults = CIFAR-10 IPC 10 row of the author-provided
-    table (DC-Bench ``methods/tm/sota.md``, algorithms.md §7.3), which FTD's script confirms."""
-
-    preset: str = "auto"
-    iterations: int = Field(5000, ge=0)
-    syn_steps: int = Field(30, ge=1)
-    """N: unrolled student steps per iteration (memory grows linearly with it)."""
-    expert_epochs: int = Field(2, ge=1)
-    """M: the student's target is the teacher M epochs after the start epoch."""
-    max_start_epoch: int = Field(20, ge=1)
-    """T+: start epochs are drawn from 0 .. T+-1."""
-    batch_syn: int | None = Field(None, ge=1)
-    """Synthetic images per student step (None = all of the expert's images; memory knob)."""
-    lr_img: float = Field(100.0, gt=0)
-    lr_lr: float = Field(1e-5, gt=0)
-    lr_teacher: float = Field(0.001, gt=0)
-    """α0: initial value of the learnable student learning rate."""
-    momentum: float = Field(0.5, ge=0, lt=1)
-    """SGD momentum of the image and learning-rate optimisers."""
-    zca: bool = True
-    """Distill (and train teachers) in ZCA-whitened space (kornia math, eps 0.1, fitted on the
-    full training set)."""
-    zca_eps: float = Field(0.1, gt=0)
-    dsa_strategy: DSAStrategy = DSA_STRATEGY
-    max_memory_gb: float | None = Field(None, gt=0)
-    """Refuse a run whose estimated peak memory exceeds this (None = the device's memory)."""
-    cuda_graph: bool = False
-    """On a CUDA device, capture each iteration's unrolls and meta-gradients as one CUDA graph
-    and replay it (``moedd.experts.mtt_graph``): one launch instead of thousands, for GPUs where
-    the host's launches bound the iteration. The DSA group of each step is then drawn on the
-    device (same distribution, another random stream). No effect on a CPU. Off by default until
-    measured on a GPU (benchmarks/README.md)."""
-
-
-class TrajectoriesConfig(_Section):
-    """Teacher trajectories for MTT (algorithms.md §7.1, ``buffer.py``): N ConvNets per shard."""
+class TrajectoriesConfig(Section):
+    """Teacher trajectories for MTT (docs/methods.md §MTT teachers, ``buffer.py``): N ConvNets per shard."""
 
     num_teachers: int = Field(100, ge=1)
     """Teachers per shard (MTT: 100)."""
@@ -282,23 +173,8 @@ class TrajectoriesConfig(_Section):
         return _check_device(v)
 
 
-class ExpertsConfig(_Section):
-    """One section per registered expert method, holding that method's hyper-parameters."""
 
-    random: RandomExpertConfig = RandomExpertConfig()
-    dm: DMExpertConfig = DMExpertConfig()
-    idm: IDMExpertConfig = IDMExpertConfig()
-    idc: IDCExpertConfig = IDCExpertConfig()
-    mtt: MTTExpertConfig = MTTExpertConfig()
-
-    def for_method(self, name: str) -> BaseModel:
-        from moedd.experts import EXPERTS
-
-        EXPERTS.get(name)
-        return getattr(self, name)
-
-
-class FusionConfig(_Section):
+class FusionConfig(Section):
     """How the experts' images are combined while a new network trains on them."""
 
     kind: Literal["mixup", "none"] = "mixup"
@@ -308,8 +184,8 @@ class FusionConfig(_Section):
     """λ ~ Beta(alpha, alpha); 1.0 = uniform. [INFERRED]"""
 
 
-class EvaluateConfig(_Section):
-    """The one evaluation protocol used for every table (DSA protocol, algorithms.md §4)."""
+class EvaluateConfig(Section):
+    """The one evaluation protocol used for every table (DSA protocol, docs/methods.md §Evaluation protocol)."""
 
     nets: list[str] = ["convnet3", "vgg11", "resnet18", "alexnet"]
     seeds: list[int] = [0, 1, 2, 3, 4]
@@ -351,7 +227,7 @@ class EvaluateConfig(_Section):
         return _check_device(v)
 
 
-class MlflowConfig(_Section):
+class MlflowConfig(Section):
     """Where runs are logged. Empty ``tracking_uri`` = SQLite at <repo root>/mlflow.db."""
 
     tracking_uri: str = ""
@@ -367,38 +243,6 @@ class MlflowConfig(_Section):
             )
         return v
 
-
-class Params(_Section):
-    """All of params.yaml."""
-
-    data: DataConfig = DataConfig()
-    partition: PartitionConfig = PartitionConfig()
-    grid: GridConfig = GridConfig()
-    distill: DistillConfig = DistillConfig()
-    experts: ExpertsConfig = ExpertsConfig()
-    presets: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
-    """Per-setting rows: presets.<method>.<dataset>.<ipc> = {key: value} (see moedd.presets)."""
-    trajectories: TrajectoriesConfig = TrajectoriesConfig()
-    fusion: FusionConfig = FusionConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    mlflow: MlflowConfig = MlflowConfig()
-
-    @model_validator(mode="after")
-    def _grid_consistent(self) -> "Params":
-        from moedd.experts import EXPERTS
-
-        for name in self.grid.experts:
-            EXPERTS.get(name)
-        for noe in [*self.grid.noe, *self.grid.mtt_noe]:
-            check_budget(self.distill.budget, noe)
-        missing = [n for n in self.grid.mtt_noe if n not in self.grid.noe]
-        if missing:  # the partition stage only makes partitions for grid.noe
-            raise ValueError(f"grid.mtt_noe lists NoE {', '.join(map(str, missing))} but grid.noe does not; "
-                             "MTT needs the partitions of grid.noe: add them there")
-        from moedd.presets import check_presets
-
-        check_presets(self)
-        return self
 
 
 def _check_device(v: str) -> str:
@@ -456,39 +300,6 @@ def read_params_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"params file {path} must hold a mapping of sections, not a {type(tree).__name__}")
     return tree
 
-
-def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Read, override and validate the params file.
-
-    Args:
-        path: params file to read; ``None`` means all defaults. A path that does not exist is an
-            error, not the defaults, so a mistyped ``--params`` cannot silently run the defaults
-            (the CLI decides what a missing default params.yaml means: ``moedd.cli.main._params``).
-        overrides: dotted keys (``"experts.dm.iterations"``) to values, applied after reading;
-            ``None`` values are ignored so CLI options that were not given keep params.yaml values.
-
-    Returns:
-        The frozen, validated parameters.
-
-    Raises:
-        ConfigError: one line naming the offending key, for any invalid or unknown value, or the
-            file (and line and column) for a missing, unreadable or malformed params file.
-    """
-    tree = read_params_file(Path(path)) if path is not None else {}
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            set_dotted(tree, key, value)
-    try:
-        return Params.model_validate(tree)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "params"
-        if first["type"] == "extra_forbidden":  # pydantic says "Extra inputs are not permitted"
-            raise ConfigError(f"unknown key {where}: no such setting (a typo?)") from None
-        msg = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"invalid {where}: {msg}") from None
-    except (ConfigError, KeyError) as err:
-        raise ConfigError(str(err)) from None
 
 
 def flatten(model: BaseModel, prefix: str = "") -> dict[str, Any]:

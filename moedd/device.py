@@ -23,12 +23,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32, or in its own dtype when that is wider: features of half-precision
-    networks are reduced in float32, and a float64 run (the tests' exactness checks) stays float64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 

@@ -1,8 +1,10 @@
 """The distillation driver: builds the experts of one run, optimises them, checkpoints, resumes.
 
-``run_distillation`` is what the ``distill`` stage calls. It validates everything that can be
-validated (budget / NoE, IPC against the smallest class of every shard, data digests) before any
-optimisation, writes a checkpoint every ``checkpoint_every`` iterations (atomically), and, when
+``run_distillation`` is what the ``distill`` stage calls. :func:`plan_run` validates everything
+that can be validated (budget / NoE, IPC against the smallest class of every shard, data digests,
+the method's own checks) before any optimisation and resolves the run once (:class:`RunPlan`:
+IPC, effective config with the preset row applied); building, fingerprinting and the metadata
+all read that plan. The driver writes a checkpoint every ``checkpoint_every`` iterations (atomically), and, when
 started again with the same inputs, resumes from the checkpoint. Because all randomness of
 iteration ``it`` derives from (seed, it), a resumed run ends with exactly the images of an
 uninterrupted one.
@@ -21,11 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pydantic import BaseModel
+
 from moedd._atomic import save_torch
-from moedd.config import ConfigError, Params, check_budget
+from moedd.config import ConfigError, check_budget
 from moedd.data import Partition, Prepared, check_ipc_fits
 from moedd.experts import EXPERTS, DistillContext, ExpertMethod, RunSpec
-from moedd.presets import method_config
+from moedd.params import Params, PresetChoice, method_config
 from moedd.synthetic import SyntheticMeta
 
 LogFn = Callable[[int, int, list[dict[str, float]]], None]
@@ -50,15 +54,41 @@ class CheckpointMismatch(ConfigError):
     """A checkpoint exists but was written for other inputs."""
 
 
-def validate_run(name: str, params: Params, prepared: Prepared, partition: Partition,
-                 device: torch.device | None = None, trajectories: Any = None) -> int:
-    """Every check of a run that needs the data, cheap and before any work; returns IPC per expert."""
+@dataclass(frozen=True)
+class RunPlan:
+    """One distill run, validated and resolved once (:func:`plan_run`)."""
+
+    method: str
+    noe: int
+    ipc: int
+    """Synthetic images per class per expert (budget / NoE)."""
+    config: BaseModel
+    """The effective ``experts.<method>`` section: class defaults < preset row < explicit keys."""
+    preset: PresetChoice | None
+
+    @property
+    def iterations(self) -> int:
+        return int(getattr(self.config, "iterations", 0))
+
+    @property
+    def preset_label(self) -> str:
+        return self.preset.label if self.preset else "none"
+
+
+def plan_run(name: str, params: Params, prepared: Prepared, partition: Partition,
+             device: torch.device | None = None, trajectories: Any = None) -> RunPlan:
+    """Every check of a run that needs the data, cheap and before any work; the resolved run.
+
+    Raises:
+        ConfigError: one line, for inputs that do not fit together (budget / NoE, IPC against the
+            smallest class of a shard, digests of partition and teachers, the method's checks).
+    """
     cls = EXPERTS.get(name)
     ipc = check_budget(params.distill.budget, partition.noe)
     if partition.data_digest and partition.data_digest != prepared.digest:
         raise ConfigError("the partition was made from other data (digest differs); rerun `moedd partition`")
     check_ipc_fits(partition, prepared.train_labels, prepared.num_classes, ipc)
-    cfg, _ = method_config(params, name, ipc)  # a bad preset choice fails here
+    cfg, preset = method_config(params, name, ipc)  # a bad preset choice fails here
     if trajectories is not None:
         meta = trajectories.meta
         if meta.get("partition_digest") and meta["partition_digest"] != partition.digest:
@@ -68,25 +98,24 @@ def validate_run(name: str, params: Params, prepared: Prepared, partition: Parti
     spec = RunSpec(partition.noe, ipc, prepared.num_classes, tuple(prepared.image_shape), params.distill.net,
                    device or torch.device("cpu"), trajectories)
     cls.check_inputs(cfg, spec)
-    return ipc
+    return RunPlan(name, partition.noe, ipc, cfg, preset)
 
 
 def build_method(name: str, params: Params, prepared: Prepared, partition: Partition, device: torch.device,
-                 trajectories: Any = None) -> ExpertMethod:
-    """Validate and construct the experts of method ``name`` on ``partition`` (no optimisation yet)."""
-    ipc = validate_run(name, params, prepared, partition, device, trajectories)
-    cls = EXPERTS.get(name)
+                 trajectories: Any = None, plan: RunPlan | None = None) -> ExpertMethod:
+    """Construct the experts of method ``name`` on ``partition`` (no optimisation yet); validates
+    first unless given the run's ``plan``."""
+    plan = plan or plan_run(name, params, prepared, partition, device, trajectories)
     images = prepared.train_images.to(device)
     labels = prepared.train_labels.to(device)
-    cfg, _ = method_config(params, name, ipc)
     ctx = DistillContext(
         shard_images=[images[s.to(device)] for s in partition.shards],
         shard_labels=[labels[s.to(device)] for s in partition.shards],
-        num_classes=prepared.num_classes, ipc=ipc, mean=prepared.mean, std=prepared.std,
+        num_classes=prepared.num_classes, ipc=plan.ipc, mean=prepared.mean, std=prepared.std,
         device=device, net=params.distill.net, dcor_weight=params.distill.dcor_weight, seed=params.distill.seed,
         trajectories=trajectories,
     )
-    return cls(cfg, ctx)
+    return EXPERTS.get(name)(plan.config, ctx)
 
 
 SPEED_ONLY = frozenset({"real_chunk", "match_pass", "class_chunk", "max_memory_gb"})
@@ -95,7 +124,7 @@ pass layout and class grouping, MTT's memory guard): left out of :func:`fingerpr
 resumed with another value keeps its checkpoint."""
 
 
-def fingerprint(name: str, params: Params, prepared: Prepared, partition: Partition, trajectories: Any = None) -> str:
+def fingerprint(plan: RunPlan, params: Params, prepared: Prepared, partition: Partition, trajectories: Any = None) -> str:
     """Identifies the inputs of a run: a checkpoint is only resumed for the same fingerprint.
 
     In: the method and its effective config (preset applied), the distill settings (budget, seed,
@@ -104,11 +133,10 @@ def fingerprint(name: str, params: Params, prepared: Prepared, partition: Partit
     ``checkpoint_every``, ``log_every``, :data:`SPEED_ONLY`). The code version is not in: a
     checkpoint survives code changes, as a resumed run is expected to.
     """
-    ipc = check_budget(params.distill.budget, partition.noe)
-    cfg = method_config(params, name, ipc)[0].model_dump(exclude=set(SPEED_ONLY))
+    cfg = plan.config.model_dump(exclude=set(SPEED_ONLY))
     d = params.distill.model_dump(exclude={"device", "checkpoint_every", "log_every"})
     teachers = trajectories.meta if trajectories is not None else None
-    blob = json.dumps([name, cfg, d, prepared.digest, partition.digest, teachers], sort_keys=True, default=str)
+    blob = json.dumps([plan.method, cfg, d, prepared.digest, partition.digest, teachers], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -171,6 +199,7 @@ def run_distillation(
     on_log: LogFn | None = None,
     git_commit: str = "",
     trajectories: Any = None,
+    plan: RunPlan | None = None,
 ) -> DistillResult:
     """Distill ``prepared`` with NoE = ``partition.noe`` experts of method ``name``.
 
@@ -184,17 +213,18 @@ def run_distillation(
         on_log: progress/metrics callback.
         git_commit: recorded in the metadata.
         trajectories: teacher trajectories of the shards (MTT), from ``moedd.trajectories``.
+        plan: the run's :func:`plan_run` when the caller validated already (else done here).
     """
     t0 = time.perf_counter()
-    method = build_method(name, params, prepared, partition, device, trajectories)
-    fp = fingerprint(name, params, prepared, partition, trajectories)
+    plan = plan or plan_run(name, params, prepared, partition, device, trajectories)
+    method = build_method(name, params, prepared, partition, device, trajectories, plan)
+    fp = fingerprint(plan, params, prepared, partition, trajectories)
     ckpt = checkpoint_dir / f"{name}-noe{partition.noe}-{fp}.pt" if checkpoint_dir else None
     images, history, start = optimise(
         method, ckpt, fp, params.distill.checkpoint_every, params.distill.log_every, on_log
     )
     labels = method.ctx.labels().cpu()
-    ipc = method.ctx.ipc
-    cfg, preset = method_config(params, name, ipc)
+    ipc = plan.ipc
     zca = getattr(method, "zca", None)
     metas = [
         SyntheticMeta(
@@ -204,8 +234,8 @@ def run_distillation(
             learned_lr=method.learned_lr(), data_digest=prepared.digest, partition_digest=partition.digest,
             shard_size=len(partition.shards[k]), seed=params.distill.seed, iterations=method.iterations,
             net=params.distill.net, git_commit=git_commit, zca_digest=zca.digest if zca is not None else "",
-            config={"distill": params.distill.model_dump(), name: cfg.model_dump(),
-                    "preset": preset.label if preset else "none"},
+            config={"distill": params.distill.model_dump(), name: plan.config.model_dump(),
+                    "preset": plan.preset_label},
         )
         for k in range(partition.noe)
     ]

@@ -1,6 +1,6 @@
 """Train-on-synthetic, test-on-real: the one evaluation protocol of every table.
 
-Protocol (DESIGN.md; DSA protocol of algorithms.md §4): a fresh network per (architecture,
+Protocol (docs/design.md; DSA protocol of docs/methods.md §Evaluation protocol): a fresh network per (architecture,
 seed), SGD(lr, momentum 0.9, weight decay 5e-4), batch 256, cross-entropy, learning rate × 0.1
 at half of the epochs, per-sample DSA augmentation, accuracy after the last epoch on the full
 real test set; mean ± std over the seed list. The experts' images are fused online with mixup
@@ -45,32 +45,7 @@ from moedd.config import ConfigError, EvaluateConfig, FusionConfig
 from moedd.device import memory_format_for
 from moedd.moe import MixupFusion
 from moedd.nets import create_net
-from moedd.registry import Registry
-from moedd.synthetic import SyntheticSet
-
-Decoder = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-DECODERS: Registry[Decoder] = Registry("decoding")
-"""How stored synthetic images become training images, by ``meta.decoding``."""
-
-
-@DECODERS.register("none")
-def _identity(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    return images, labels
-
-
-@DECODERS.register("multiformation2")
-def decode_quadrants(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """2x2 multi-formation (IDC) / partition-and-expansion (IDM), factor 2.
-
-    Each stored image is cut into its four quadrants (top-left, bottom-left, top-right,
-    bottom-right), each bilinearly upsampled back to full size, all with the stored label:
-    N images -> 4N training images, quadrant-major.
-    """
-    h, w = images.shape[-2] // 2, images.shape[-1] // 2
-    quads = [images[..., :h, :w], images[..., h:, :w], images[..., :h, w:], images[..., h:, w:]]
-    up = [F.interpolate(q, size=images.shape[-2:], mode="bilinear", align_corners=False) for q in quads]
-    return torch.cat(up), labels.repeat(4)
-
+from moedd.synthetic import DECODERS, SyntheticSet
 
 @dataclass(frozen=True)
 class TrainingSet:

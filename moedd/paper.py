@@ -1,4 +1,4 @@
-"""The MoE-DD results table (../shared/reference/paper-table.md), as data for `moedd report`.
+"""The MoE-DD results table (docs/methods.md §Paper table), as data for `moedd report`.
 
 Test accuracy (%) of networks trained on the distilled set; images distilled with ConvNet-3.
 Columns are (dataset, budget, IPCxNoE). One cell of the poster is unreadable (MTT, ConvNet-3,

@@ -12,6 +12,11 @@ Images are stored in the space named by ``meta.space``: ``normalized`` ((x/255 â
 the mean/std kept in the metadata, so pixels can be recovered), ``pixel`` ([0,1]) or ``zca``.
 ``sha256`` is the hash of the .pt file: a corrupted or swapped file is refused on load, and so is
 a sidecar without it (moedd always writes it).
+
+``meta.decoding`` names how stored images become training images (:data:`DECODERS`): ``none``,
+or ``multiformation2``, the 2x2 multi-formation of IDC and partition-and-expansion of IDM (each
+stored image holds four quadrants, each upsampled to a training image). :func:`mosaic` is its
+inverse for initialisation: four images downscaled into the quadrants of one.
 """
 
 from __future__ import annotations
@@ -20,14 +25,79 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
 from moedd import __version__
 from moedd._atomic import atomic_dir
+from moedd.registry import Registry
+
+Decoder = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+DECODERS: Registry[Decoder] = Registry("decoding")
+"""How stored synthetic images become training images, by ``meta.decoding``."""
+
+
+@DECODERS.register("none")
+def _identity(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    return images, labels
+
+
+def _quadrant_slices(h: int, w: int) -> list[tuple[slice, slice]]:
+    """Row/column slices of the four quadrants in decoder order: TL, BL, TR, BR."""
+    h2, w2 = h // 2, w // 2
+    top, bottom, left, right = slice(0, h2), slice(h2, h), slice(0, w2), slice(w2, w)
+    return [(top, left), (bottom, left), (top, right), (bottom, right)]
+
+
+@DECODERS.register("multiformation2")
+def decode_quadrants(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """2x2 multi-formation (IDC) / partition-and-expansion (IDM), factor 2.
+
+    Each stored image is cut into its four quadrants (top-left, bottom-left, top-right,
+    bottom-right), each bilinearly upsampled back to full size, all with the stored label:
+    N images -> 4N training images, quadrant-major.
+    """
+    size = images.shape[-2:]
+    up = [F.interpolate(images[..., rows, cols], size=size, mode="bilinear", align_corners=False)
+          for rows, cols in _quadrant_slices(*size)]
+    return torch.cat(up), labels.repeat(4)
+
+
+def decode_grouped(images: Tensor, decoding: str) -> Tensor:
+    """``decoding`` applied to groups: (..., n, ch, H, W) -> (..., qÂ·n, ch, H, W), each group's
+    decoded images quadrant-major (q = images per stored image: 4 for multiformation2, 1 for none).
+    The decoder of evaluation, so training inside a method sees exactly what evaluation will use."""
+    *lead, n, ch, h, w = images.shape
+    flat = images.reshape(-1, ch, h, w)
+    dec, _ = DECODERS.get(decoding)(flat, torch.zeros(len(flat), dtype=torch.long, device=images.device))
+    q = len(dec) // len(flat)
+    return dec.view(q, *lead, n, ch, h, w).movedim(0, len(lead)).reshape(*lead, q * n, ch, h, w)
+
+
+def mosaic(quadrants: Tensor, mode: Literal["bilinear", "nearest"]) -> Tensor:
+    """2x2 mosaics of full-size images, each downscaled into its quadrant (the inverse of the
+    multiformation2 decoder, for initialisation).
+
+    Args:
+        quadrants: (N, 4, ch, H, W): image q of row n goes to quadrant q (TL, BL, TR, BR).
+        mode: the downscaling, as each method's reference code does it: "bilinear" (IDM,
+            ``align_corners=False``) or "nearest" (IDC).
+
+    Returns:
+        (N, ch, H, W) mosaics.
+    """
+    n, _, ch, h, w = quadrants.shape
+    out = quadrants.new_zeros(n, ch, h, w)
+    extra = {"align_corners": False} if mode == "bilinear" else {}
+    for q, (rows, cols) in enumerate(_quadrant_slices(h, w)):
+        size = (rows.stop - rows.start, cols.stop - cols.start)
+        out[:, :, rows, cols] = F.interpolate(quadrants[:, q], size=size, mode=mode, **extra)
+    return out
 
 
 class SyntheticSetError(ValueError):

@@ -14,7 +14,7 @@ command runs outside DVC).
 Parent runs: stages run as separate processes, so the parent is found again by the tag
 ``moedd.pipeline``: the DVC experiment name when there is one, else a hash of the git commit
 and params.yaml. Creation of the database and of parents is serialised with a file lock
-(parallel workers initialising a fresh SQLite store race; ecosystem.md S4).
+(parallel workers initialising a fresh SQLite store race; docs/ecosystem.md §S4 init-race).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from typing import Any
 
 import yaml
 
-from moedd.config import MlflowConfig, Params, flatten
+from moedd.config import MlflowConfig, flatten
+from moedd.params import Params
 
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 """Marks the experiment as model training, so MLflow 3's UI opens it on the runs table (its

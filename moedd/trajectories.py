@@ -1,6 +1,6 @@
 """Teacher trajectories for MTT: train teacher networks on each shard and store their parameters.
 
-MTT (algorithms.md §7.1, mtt-distillation ``buffer.py``) matches the training trajectory of
+MTT (docs/methods.md §MTT teachers, mtt-distillation ``buffer.py``) matches the training trajectory of
 networks trained on real data. In moedd, expert k only ever sees shard k, so its teachers are
 trained on shard k alone: for every shard and every teacher i < ``num_teachers``, a fresh
 ``distill.net`` (ConvNet-3) is trained with SGD(lr, momentum, weight decay), batch 256 and
@@ -9,7 +9,7 @@ initialisation and after every epoch: a float32 tensor (epochs + 1, P).
 
 Input space: the one the MTT experts will distill in. With ``experts.mtt.zca`` (after the preset
 for the run's IPC) images are ZCA-whitened [0, 1] pixels, with the transform fitted ONCE on the
-full training set (§3.2); otherwise they are mean/std-normalised like every other method.
+full training set (docs/methods.md §ZCA); otherwise they are mean/std-normalised like every other method.
 
 Layout of an output directory (a DVC output, ``persist: true``)::
 
@@ -60,12 +60,13 @@ from torch import Tensor, nn
 
 from moedd._atomic import atomic_file, save_torch, write_text
 from moedd.augment import DSA, DSAParams
-from moedd.config import ConfigError, MTTExpertConfig, Params, TrajectoriesConfig, check_budget
+from moedd.config import ConfigError, TrajectoriesConfig, check_budget
 from moedd.data import Partition, Prepared, check_ipc_fits
 from moedd.data.zca import ZCA, fit_zca, load_zca
 from moedd.device import memory_format_for
 from moedd.nets import create_net
-from moedd.presets import method_config
+from moedd.experts.mtt import MTTConfig
+from moedd.params import Params, method_config
 
 META_FILE = "meta.json"
 ZCA_FILE = "zca.pt"
@@ -80,7 +81,7 @@ def teacher_path(out: str | Path, shard: int, index: int) -> Path:
 # ---------------------------------------------------------------- settings
 
 
-def mtt_config(params: Params, ipc: int) -> MTTExpertConfig:
+def mtt_config(params: Params, ipc: int) -> MTTConfig:
     """The effective MTT config at ``ipc`` images per class per expert (preset row applied)."""
     cfg, _ = method_config(params, "mtt", ipc)
     return cfg  # type: ignore[return-value]
@@ -143,7 +144,7 @@ class InputSpace:
         return (x.float().div_(255.0) - m) / s
 
 
-def input_space(cfg: MTTExpertConfig, prepared: Prepared, cached: Path | None = None) -> InputSpace:
+def input_space(cfg: MTTConfig, prepared: Prepared, cached: Path | None = None) -> InputSpace:
     """The input space of the teachers; with ZCA, fitted once on the FULL training set.
 
     A transform already in ``cached`` is reused when it was fitted on the same data with the

@@ -42,16 +42,14 @@ def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def tiny_params(**overrides):
-    """Validated params at test size; dotted-key overrides."""
-    from moedd.config import load_params
+    """Validated params at test size (every expert at the ``smoke`` sizes it declares); dotted-key
+    overrides."""
+    from moedd.experts import EXPERTS
+    from moedd.params import load_params
 
     base = {
         "distill.budget": 4, "distill.log_every": 1, "distill.checkpoint_every": 2,
-        "experts.dm.iterations": 3, "experts.dm.batch_real": 8,
-        "experts.idc.iterations": 2, "experts.idc.inner_loop": 2, "experts.idc.batch_real": 4,
-        "experts.idc.n_data": 16,
-        "experts.idm.iterations": 2, "experts.idm.batch_real": 4, "experts.idm.trained_bs": 16,
-        "experts.idm.model_train_steps": 1,
+        **{f"experts.{name}.{key}": value for name in EXPERTS for key, value in EXPERTS.get(name).smoke.items()},
         "evaluate.nets": ["convnet3"], "evaluate.seeds": [0, 1], "evaluate.epochs": 3,
         "evaluate.test_batch_size": 64,
     }

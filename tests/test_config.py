@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moedd.config import ConfigError, IDMExpertConfig, Params, check_budget, flatten, load_params
+from moedd.config import ConfigError, check_budget, flatten
+from moedd.experts.idm import IDMConfig
+from moedd.params import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_repo_params_yaml_is_valid() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.distill.budget % max(params.grid.noe) == 0
-    assert params.experts.dm.iterations == 20000  # the paper-scale default (algorithms.md §5.1)
+    assert params.experts.dm.iterations == 20000  # the paper-scale default (docs/methods.md §DM)
 
 
 def test_missing_file_means_defaults() -> None:
@@ -127,7 +129,7 @@ def _repo_params(**overrides):
 
 
 def test_presets_cover_cifar_budgets_and_pick_the_row_of_the_ipc() -> None:
-    from moedd.presets import method_config
+    from moedd.params import method_config
 
     p = _repo_params()
     for method in ("idm", "idc", "mtt"):
@@ -145,7 +147,7 @@ def test_presets_cover_cifar_budgets_and_pick_the_row_of_the_ipc() -> None:
 
 
 def test_preset_nearest_row_and_explicit_keys_win() -> None:
-    from moedd.presets import method_config
+    from moedd.params import method_config
 
     p = _repo_params()
     _, choice = method_config(p, "mtt", 7)
@@ -158,11 +160,11 @@ def test_preset_nearest_row_and_explicit_keys_win() -> None:
 
 
 def test_preset_choice_auto_none_and_unknown() -> None:
-    from moedd.presets import method_config
+    from moedd.params import method_config
 
     folder = _repo_params(**{"data.source": "imagefolder"})
     cfg, choice = method_config(folder, "idm", 10)
-    assert choice is None and cfg == IDMExpertConfig.model_validate(folder.experts.idm.model_dump())
+    assert choice is None and cfg == IDMConfig.model_validate(folder.experts.idm.model_dump())
     cfg, choice = method_config(_repo_params(**{"data.source": "imagefolder", "experts.mtt.preset": "cifar10"}), "mtt", 1)
     assert choice.dataset == "cifar10" and cfg.syn_steps == 50
     assert method_config(_repo_params(**{"experts.idm.preset": "none"}), "idm", 10)[1] is None

@@ -8,7 +8,8 @@ import torch
 from conftest import tiny_params
 from moedd.data import make_partition
 from moedd.distill import run_distillation
-from moedd.evaluate import DECODERS, evaluate_synthetic, fusion_effective
+from moedd.evaluate import evaluate_synthetic, fusion_effective
+from moedd.synthetic import DECODERS
 from moedd.evaluate import test_accuracy as accuracy_of  # alias: keep pytest from collecting it
 from moedd.registry import UnknownNameError
 from moedd.synthetic import SyntheticSet

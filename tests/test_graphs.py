@@ -1,4 +1,4 @@
-"""moedd.graphs: the CUDA-graph capture shared by the IDC and MTT graph runners (CUDA tests run
+"""moedd._graphs: the CUDA-graph capture shared by the IDC and MTT graph runners (CUDA tests run
 where a GPU is present, e.g. in benchmarks/gpu_session.sh phase graphtests)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moedd.graphs import capture, check_rng_replay
+from moedd._graphs import capture, check_rng_replay
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -10,16 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import moedd.experts.idc  # noqa: F401  (registers "idc" until moedd.experts imports it)
 from conftest import CaptureBlockers, device_read_backs, interrupted_then_resumed, tiny_params
 from moedd.data import make_partition
 from moedd.distill import build_method, run_distillation
-from moedd.evaluate import decode_quadrants
+from moedd.synthetic import decode_grouped, decode_quadrants
 from moedd.experts import EXPERTS
-from moedd.experts.idc import (IDC, IDCAugment, conv_weights, cutmix, cutmix_box, cutmix_static, decode, gradient_distance,
+from moedd.experts.idc import (IDC, IDCAugment, conv_weights, cutmix, cutmix_box, cutmix_static, gradient_distance,
                                 grouped_gradient_distance)
 from moedd.config import ConfigError
-from moedd.experts.idc_graph import StaticInnerSteps
+from moedd.experts._idc_graph import StaticInnerSteps
 from moedd.nets import create_net
 from moedd.nets.grouped import GroupedConvNet
 
@@ -86,12 +85,12 @@ def test_factor_one_stores_real_images(tiny_prepared) -> None:
 
 def test_decode_matches_the_evaluator_per_expert() -> None:
     x = torch.rand(2, 3, 3, 8, 8)
-    d = decode(x, 2)
+    d = decode_grouped(x, "multiformation2")
     assert d.shape == (2, 12, 3, 8, 8)
     for k in range(2):
         ref, _ = decode_quadrants(x[k], torch.zeros(3, dtype=torch.long))
-        assert torch.allclose(d[k], ref)
-    assert decode(x, 1) is x
+        assert torch.equal(d[k], ref)
+    assert torch.equal(decode_grouped(x, "none"), x)
 
 
 @pytest.mark.parametrize("metric", ["mse", "l1", "cos"])
@@ -112,11 +111,11 @@ def test_only_conv_weights_are_matched(tiny_prepared) -> None:
     assert {id(p) for p in conv_weights(net)} == convs and len(convs) == 3
     m.match_aug = IDCAugment("none")  # no augmentation
     syn = m.init_images().requires_grad_(True)
-    idx = m.class_draw(0, 4, m.ctx.generator(0))[1]
+    idx = m.ctx.sample_indices(0, 4, m.ctx.generator(0), repeat=True)[1]
     _, per_expert, _ = m.match_class(net, syn, 1, [idx], m.ctx.generator(0, 2))
     real = m.ctx.normalize(m.ctx.shard_images[0][idx])
     ipc = m.ctx.ipc
-    fake = m.normalize(syn[0, ipc:2 * ipc].detach())
+    fake = m.ctx.normalize_pixels(syn[0, ipc:2 * ipc].detach())
     params = list(net.parameters())
     g_r = torch.autograd.grad(F.cross_entropy(net(real), torch.ones(4, dtype=torch.long)), params)
     g_s = torch.autograd.grad(F.cross_entropy(net(fake), torch.ones(ipc, dtype=torch.long)), params)
@@ -131,7 +130,7 @@ def test_images_of_the_class_receive_gradients(tiny_prepared) -> None:
     syn = m.init_images().requires_grad_(True)
     net = m.fresh_net(0)
     gen = m.ctx.generator(0, 2)
-    idx = [m.class_draw(k, 4, gen)[1] for k in range(2)]
+    idx = [m.ctx.sample_indices(k, 4, gen, repeat=True)[1] for k in range(2)]
     total, per_expert, dcor = m.match_class(net, syn, 1, idx, gen)
     total.backward()
     assert syn.grad is not None
@@ -279,8 +278,8 @@ def test_matching_phase_equals_idc_per_class_steps(tiny_prepared, net: str, chun
     for phase in range(2):  # the momentum carries over between phases
         per_class, _ = m.match_phase(netw, syn, m.ctx.generator(phase, 2))
         gen = m.ctx.generator(phase, 2)
-        n = min(m.cfg.batch_real, *m.min_count)
-        draws = [m.class_draw(k, n, gen) for k in range(m.ctx.noe)]
+        n = min(m.cfg.batch_real, *m.ctx.min_counts)
+        draws = [m.ctx.sample_indices(k, n, gen, repeat=True) for k in range(m.ctx.noe)]
         for c in range(m.ctx.num_classes):
             total, per_expert, _ = m.match_class(netw, ref, c, [d[c] for d in draws], gen)
             # phase 0 starts from the same images; phase 1 from images that agree to float32 rounding

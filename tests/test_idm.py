@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import moedd.experts.idm  # noqa: F401  (registers "idm")
 from conftest import interrupted_then_resumed, tiny_params
 from moedd.config import ConfigError
 from moedd.data import make_partition
 from moedd.distill import build_method, run_distillation
-from moedd.evaluate import decode_quadrants
+from moedd.synthetic import decode_quadrants
 from moedd.experts import EXPERTS
 from moedd.experts.idm import ClassSequentialSGD
 

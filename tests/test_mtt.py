@@ -15,10 +15,10 @@ import torch
 from conftest import CaptureBlockers, device_read_backs, interrupted_then_resumed, tiny_params
 from moedd.config import ConfigError
 from moedd.data import load_prepared, load_source, make_partition, save_prepared
-from moedd.distill import build_method, run_distillation, validate_run
+from moedd.distill import build_method, run_distillation, plan_run
 from moedd.evaluate import evaluate_synthetic, prepare_test_images
 from moedd.experts.mtt import estimate_memory_gb
-from moedd.experts.mtt_graph import StaticUnrolls
+from moedd.experts._mtt_graph import StaticUnrolls
 from moedd.nets import create_net
 from moedd.synthetic import SyntheticSetError, check_matches, load_synthetic, save_synthetic, to_pixels
 from moedd.trajectories import load_trajectories, train_teachers
@@ -140,15 +140,15 @@ def test_normalized_space_without_zca(prepared8, part2, tmp_path: Path) -> None:
 ])
 def test_bad_inputs_refused_before_work(prepared8, part2, teachers2, overrides, match) -> None:
     with pytest.raises(ConfigError, match=match):
-        validate_run("mtt", _params(**overrides), prepared8, part2, CPU, teachers2)
+        plan_run("mtt", _params(**overrides), prepared8, part2, CPU, teachers2)
 
 
 def test_needs_trajectories_of_this_partition(prepared8, part2, teachers2) -> None:
     with pytest.raises(ConfigError, match="moedd trajectories"):
-        validate_run("mtt", _params(), prepared8, part2, CPU, None)
+        plan_run("mtt", _params(), prepared8, part2, CPU, None)
     other = make_partition(prepared8.train_labels, prepared8.num_classes, 2, 1, prepared8.digest)
     with pytest.raises(ConfigError, match="another partition"):
-        validate_run("mtt", _params(), prepared8, other, CPU, teachers2)
+        plan_run("mtt", _params(), prepared8, other, CPU, teachers2)
 
 
 def test_memory_estimate_grows_with_unroll_and_batch() -> None:

@@ -10,7 +10,7 @@ from moedd.registry import UnknownNameError
 
 ALL = list_nets()
 
-# algorithms.md §2.6 (C=10, C=100)
+# docs/methods.md §Parameter counts (C=10, C=100)
 PARAM_COUNTS = {
     "convnet3": (320_010, 504_420),
     "convnet4": (452_490, 498_660),

@@ -37,9 +37,9 @@ def test_checkpoint_of_other_inputs_is_refused(tiny_prepared, tmp_path: Path) ->
     other = tiny_params(**{"experts.dm.iterations": 4, "distill.checkpoint_every": 2, "experts.dm.lr_img": 3.0})
     state = torch.load(ck, weights_only=True)
     # a checkpoint file that claims the new fingerprint's name but holds other inputs
-    from moedd.distill import fingerprint
+    from moedd.distill import fingerprint, plan_run
 
-    fp = fingerprint("dm", other, tiny_prepared, part)
+    fp = fingerprint(plan_run("dm", other, tiny_prepared, part), other, tiny_prepared, part)
     torch.save(state, tmp_path / f"dm-noe2-{fp}.pt")
     with pytest.raises(CheckpointMismatch, match="belongs to other inputs"):
         run_distillation("dm", other, tiny_prepared, part, CPU, checkpoint_dir=tmp_path)

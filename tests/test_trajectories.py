@@ -16,7 +16,8 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import Interrupt, tiny_params
-from moedd.config import ConfigError, load_params
+from moedd.config import ConfigError
+from moedd.params import load_params
 from moedd.data import load_prepared, load_source, make_partition, save_partition, save_prepared
 from moedd.data.zca import fit_zca, load_zca
 from moedd.nets import create_net

@@ -4,7 +4,7 @@ DSA augments real and synthetic images with the *same* random transformation so 
 matching loss (gradients, distributions, trajectories) compares like with like, and every op is
 differentiable so the loss back-propagates into the synthetic pixels. Ops, parameter values and
 the "one group per draw" rule (mode 'S') follow the DC-repo ``DiffAugment``; see
-``shared/reference/algorithms.md`` §3.1.
+``docs/methods.md`` §DSA.
 
 Deviations from the reference, on purpose:
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from moedd._atomic import save_torch
-from moedd.config import ConfigError
+from moedd.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """ZCA whitening, fitted once on the full training set (MTT's input space).
 
-Math as kornia's ``ZCAWhitening(eps=0.1, compute_inv=True)`` that MTT uses (algorithms.md §3.2):
+Math as kornia's ``ZCAWhitening(eps=0.1, compute_inv=True)`` that MTT uses (docs/methods.md §ZCA):
 images in [0, 1] (no mean/std normalisation) are flattened to D = ch·H·W; μ is their mean;
 Σ = (X−μ)ᵀ(X−μ)/(N−1); Σ = U diag(S) Uᵀ; whitening W = U diag((S+ε)^-1/2) Uᵀ, applied as
 (x−μ)W; the inverse is U diag((S+ε)^1/2) Uᵀ (recent kornia), used to map synthetic images back

@@ -1,14 +1,18 @@
-"""Expert methods, found by name: a new method is one module here plus its params section.
+"""Expert methods, found by name: a new method is one module here (its config class, its
+``ExpertMethod`` subclass, its smoke sizes) plus its section in params.yaml.
 
-Importing this package registers every built-in method.
+Importing this package imports every module of it whose name does not start with an
+underscore, which registers the methods they define; ``moedd.params`` builds the ``experts``
+params section from the registry.
 """
+
+import importlib
+import pkgutil
 
 from moedd.experts.base import EXPERTS, DistillContext, ExpertMethod, RunSpec, register_expert
 
-from moedd.experts import dm as _dm  # noqa: E402,F401  (registration)
-from moedd.experts import idc as _idc  # noqa: E402,F401
-from moedd.experts import idm as _idm  # noqa: E402,F401
-from moedd.experts import mtt as _mtt  # noqa: E402,F401
-from moedd.experts import random as _random  # noqa: E402,F401
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_") and _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["EXPERTS", "DistillContext", "ExpertMethod", "RunSpec", "register_expert"]

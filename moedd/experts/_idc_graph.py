@@ -28,15 +28,13 @@ floating-point summation order).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from moedd.graphs import GraphRunner, capture
+from moedd._graphs import GraphRunner, capture
 
-if TYPE_CHECKING:
-    from moedd.experts.idc import IDC
 
 STREAM_MATCH, STREAM_NET, STREAM_MIX = 2, 3, 4
 """The generator streams of an outer iteration, eager or graphed (stream 1 is the network's
@@ -47,20 +45,19 @@ class StaticInnerSteps(GraphRunner):
     """IDC's inner steps of every outer iteration, on static tensors (capturable).
 
     Args:
-        method: the IDC expert method.
+        method: the IDC expert method (``moedd.experts.idc.IDC``; not imported: it imports this module).
         syn: the stored images (NoE, C·IPC, ch, H, W), a leaf updated in place.
         capture: capture the body in a CUDA graph at the first :meth:`step` and replay it after;
             False runs the body eagerly (any device).
     """
 
-    def __init__(self, method: IDC, syn: Tensor, capture: bool) -> None:
+    def __init__(self, method: Any, syn: Tensor, capture: bool) -> None:
         super().__init__(syn, capture)
         ctx, cfg = method.ctx, method.cfg
         dev = syn.device
         self.method = method
         self.net = method.fresh_net(0)
-        self.opt = torch.optim.SGD(self.net.parameters(), lr=cfg.net_lr, momentum=cfg.net_momentum,
-                                   weight_decay=cfg.net_weight_decay)
+        self.opt = cfg.net_optimizer(self.net)
         self.bufs = [torch.zeros_like(p) for p in self.net.parameters()]
         for p, b in zip(self.net.parameters(), self.bufs, strict=True):
             self.opt.state[p]["momentum_buffer"] = b
@@ -114,7 +111,7 @@ class StaticInnerSteps(GraphRunner):
 
     def _capture(self) -> None:
         """Warm-up runs (then undone) and the capture (which runs nothing itself), by
-        :func:`moedd.graphs.capture`. On failure the state is restored before the error
+        :func:`moedd._graphs.capture`. On failure the state is restored before the error
         propagates, so eager mode can go on."""
         saved = [t.detach().clone() for t in self._state()]
         try:

@@ -27,28 +27,26 @@ ordinary unroll, and how a CUDA run compares the graph with the eager body.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from moedd.graphs import GraphRunner, capture
+from moedd._graphs import GraphRunner, capture
 
-if TYPE_CHECKING:
-    from moedd.experts.mtt import MatchingTrainingTrajectories
 
 
 class StaticUnrolls(GraphRunner):
     """Every expert's unrolled loss and its gradients, from static buffers (capturable).
 
     Args:
-        method: the MTT expert method (network, learning rate, DSA, config).
+        method: the MTT expert method (``moedd.experts.mtt``; not imported: it imports this module).
         syn: the synthetic images (NoE, C·IPC, ch, H, W), a leaf updated in place.
         capture: capture the body in a CUDA graph at the first :meth:`run` and replay it after;
             False runs the body eagerly every time (any device).
     """
 
-    def __init__(self, method: MatchingTrainingTrajectories, syn: Tensor, capture: bool) -> None:
+    def __init__(self, method: Any, syn: Tensor, capture: bool) -> None:
         super().__init__(syn, capture)
         ctx, cfg = method.ctx, method.cfg
         dev = syn.device
@@ -106,7 +104,7 @@ class StaticUnrolls(GraphRunner):
         return self.outputs
 
     def _capture(self, seed: int) -> None:
-        """Warm-up runs, then the capture (which runs nothing itself): :func:`moedd.graphs.capture`."""
+        """Warm-up runs, then the capture (which runs nothing itself): :func:`moedd._graphs.capture`."""
         self.gen.manual_seed(seed)
         self.graph, self.outputs = capture(self.body, [self.gen], self.syn.device,
                                            before_capture=lambda: self.gen.manual_seed(seed))

@@ -3,7 +3,7 @@
 Each expert k owns the synthetic images of shard k and only ever sees real images of shard k.
 All experts of a run live in one tensor ``syn`` of shape (NoE, C·IPC, ch, H, W), so one step can
 embed every expert with the *same* feature network and add the distance-correlation term that
-pushes their representations apart (DESIGN.md). Labels are fixed and class-major:
+pushes their representations apart (:meth:`DistillContext.diversity`). Labels are fixed and class-major:
 ``labels = [0]*IPC + [1]*IPC + ...``.
 
 Randomness: everything random in iteration ``it`` derives from ``(seed, it)`` through
@@ -13,6 +13,7 @@ exactly the same draws as an uninterrupted one without saving any RNG state.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
+from moedd.device import memory_format_for
+from moedd.nets import create_net
+from moedd.precision import at_least_float32
+from moedd.moe import diversity_term
 from moedd.registry import Registry
 
 
@@ -61,6 +66,8 @@ class DistillContext:
         self._std = torch.tensor(self.std, device=self.device).view(1, c, 1, 1)
         # per expert: (C, m_k) table of shard-local indices of each class, padded with -1
         self.class_tables = [self._class_table(y) for y in self.shard_labels]
+        # per expert: its smallest class (host ints, read once here: no device syncs in the loop)
+        self.min_counts = [int((t >= 0).sum(1).min()) for t in self.class_tables]
 
     @property
     def noe(self) -> int:
@@ -81,7 +88,25 @@ class DistillContext:
 
     def normalize(self, images_u8: Tensor) -> Tensor:
         """uint8 images -> float32 normalised with the dataset mean/std."""
-        return (images_u8.float().div_(255.0) - self._mean) / self._std
+        return self.normalize_pixels(images_u8.float().div_(255.0))
+
+    def normalize_pixels(self, pixels: Tensor) -> Tensor:
+        """[0, 1] pixels -> the dataset's normalised space."""
+        return (pixels - self._mean) / self._std
+
+    def pixels(self, k: int, idx: Tensor) -> Tensor:
+        """Shard k's images ``idx`` as float pixels in [0, 1]."""
+        return self.shard_images[k][idx].float().div_(255.0)
+
+    @property
+    def diverse(self) -> bool:
+        """Whether the diversity term is on: a positive weight and more than one expert."""
+        return self.dcor_weight > 0 and self.noe > 1
+
+    def diversity(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """MoE-DD's diversity term for ``features`` (NoE, C, n, D): (λ·dCor to add to the
+        objective, dCor detached for logging); zeros when :attr:`diverse` is false."""
+        return diversity_term(features, self.dcor_weight if self.diverse else 0.0)
 
     def seed_for(self, it: int, stream: int = 0) -> int:
         """A seed that depends only on (run seed, iteration, stream)."""
@@ -102,14 +127,29 @@ class DistillContext:
         pick = self.sample_indices(k, per_class, gen)
         return self.normalize(self.shard_images[k][pick.flatten()]), pick.shape[1]
 
-    def sample_indices(self, k: int, per_class: int, gen: torch.Generator) -> Tensor:
-        """(C, n) shard-local indices of distinct random images of every class of shard k,
-        ``n = min(per_class, smallest class of the shard)``."""
+    def sample_real_all(self, per_class: int, gen: torch.Generator) -> tuple[Tensor, int]:
+        """:meth:`sample_real` of every expert in turn, cut to the same n per class (shards of very
+        unequal size are equalised to the smallest draw): images (NoE·C·n, ch, H, W) and n."""
+        c = self.num_classes
+        batches = [self.sample_real(k, per_class, gen) for k in range(self.noe)]
+        n = min(m for _, m in batches)
+        return torch.cat([x if m == n else x.view(c, m, *x.shape[1:])[:, :n].flatten(0, 1) for x, m in batches]), n
+
+    def sample_indices(self, k: int, per_class: int, gen: torch.Generator, repeat: bool = False) -> Tensor:
+        """(C, n) shard-local indices of random images of every class of shard k.
+
+        Without ``repeat``: n = min(per_class, smallest class of the shard), distinct within a
+        class. With ``repeat`` (IDC's draws): n = per_class; when that exceeds the smallest class,
+        fresh draws of the smallest class's size are concatenated (distinct within each draw).
+        """
         table = self.class_tables[k]
         valid = table >= 0
-        n = min(per_class, int(valid.sum(1).min()))
-        keys = torch.rand(table.shape, generator=gen, device=table.device).masked_fill_(~valid, 2.0)
-        return torch.gather(table, 1, keys.argsort(1)[:, :n])
+        per = min(per_class, self.min_counts[k])
+        picks = []
+        for _ in range(math.ceil(per_class / per) if repeat else 1):
+            keys = torch.rand(table.shape, generator=gen, device=table.device).masked_fill_(~valid, 2.0)
+            picks.append(torch.gather(table, 1, keys.argsort(1)[:, :per]))
+        return picks[0] if len(picks) == 1 else torch.cat(picks, 1)[:, :per_class]
 
     def labels(self) -> Tensor:
         """The fixed, class-major labels of one expert's synthetic images."""
@@ -132,12 +172,18 @@ class RunSpec:
 class ExpertMethod(ABC):
     """A base distillation method run by NoE experts jointly.
 
-    Subclasses set ``name`` (the registry key), ``config_cls``, ``space`` and ``decoding``,
+    Subclasses set ``name`` (the registry key), ``config_cls`` (the class of the params section
+    ``experts.<name>``, defined in the method's module), ``smoke``, ``space`` and ``decoding``,
     and implement :meth:`init_images` and :meth:`step`.
     """
 
     name: ClassVar[str]
     config_cls: ClassVar[type[BaseModel]]
+    smoke: ClassVar[dict[str, Any]] = {}
+    """Settings of ``experts.<name>`` at which the method runs end to end in seconds on tiny data
+    (3 classes of 24 32x32 images, budget 4): what the test suite uses."""
+    needs_trajectories: ClassVar[bool] = False
+    """Whether the method distills against teacher trajectories (``moedd trajectories``, MTT)."""
     space: ClassVar[str] = "normalized"
     decoding: ClassVar[str] = "none"
 
@@ -190,14 +236,61 @@ def frozen_random_net(ctx: DistillContext, it: int, stream: int = 1) -> torch.nn
     Initialised on the CPU under a forked RNG seeded from (seed, it), so the weights do not
     depend on the device or on anything that ran before (resume replays the same nets).
     """
-    from moedd.nets import create_net
-
     ch, h, _ = ctx.image_shape
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed_for(it, stream))
         net = create_net(ctx.net, ctx.num_classes, channels=ch, image_size=h)
-    from moedd.device import memory_format_for
-
     net = net.to(ctx.device, memory_format=memory_format_for(net, ctx.device))
     net.requires_grad_(False)
     return net
+
+
+def siamese_features(net: torch.nn.Module, dsa: Any, ctx: DistillContext, real: Tensor, n_real: int, syn: Tensor,
+                     n_syn: int, gen: torch.Generator, chunk: int = 0, bf16: bool = False) -> tuple[Tensor, Tensor]:
+    """Embed real images (no grad) and synthetic images (with grad) under the SAME augmentation
+    per class (siamese DSA: the generator's state is replayed for the second call).
+
+    Args:
+        net: the embedding network (``net.embed``).
+        dsa: a ``moedd.augment.DSA`` (drawn per class: unit = class).
+        real: (NoE·C·n_real, ...) expert-major, class-major real images; ``syn`` likewise with
+            ``n_syn`` images per class.
+        chunk: real images per no-grad forward (speed and memory only); 0 = 128 on a CPU (keeps
+            activations cache- and allocator-friendly), the whole batch elsewhere.
+        bf16: run the network under bfloat16 autocast.
+
+    Returns:
+        real and synthetic features, in float32 or wider (float64 inputs stay float64).
+    """
+    c, dev = ctx.num_classes, ctx.device
+    classes = torch.arange(c, device=dev)
+    unit_real = classes.repeat_interleave(n_real).repeat(ctx.noe)
+    unit_syn = classes.repeat_interleave(n_syn).repeat(ctx.noe)
+    cl = memory_format_for(net, dev)
+    chunk = chunk or (128 if dev.type == "cpu" else len(real))
+    state = gen.get_state()
+    with torch.no_grad(), _autocast(dev, bf16):
+        aug = dsa.siamese(real, unit_real, c, gen).contiguous(memory_format=cl)
+        f_real = at_least_float32(torch.cat([net.embed(aug[i:i + chunk]) for i in range(0, len(aug), chunk)]))
+    gen.set_state(state)
+    with _autocast(dev, bf16):
+        f_syn = at_least_float32(net.embed(dsa.siamese(syn, unit_syn, c, gen).contiguous(memory_format=cl)))
+    return f_real, f_syn
+
+
+def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def mixture_metrics(per_expert: Tensor, dcor: Tensor, dcor_weight: float, total: Tensor | None = None) -> dict[str, Tensor]:
+    """The metrics every expert method logs (detached tensors: no host sync).
+
+    "loss" = the objective (``total`` when given, e.g. with IDM's CE term; else match + λ·dcor),
+    "match" = Σ over experts of ``per_expert`` (NoE,), "dcor", and "match_e{k}" per expert.
+    """
+    per_expert = per_expert.detach()
+    match = per_expert.sum()
+    loss = match + dcor_weight * dcor if total is None else total.detach()
+    out = {"loss": loss, "match": match, "dcor": dcor.detach()}
+    out.update({f"match_e{k}": per_expert[k] for k in range(len(per_expert))})
+    return out

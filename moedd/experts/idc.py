@@ -1,8 +1,8 @@
 """IDC (Kim et al., "Dataset Condensation via Efficient Synthetic-Data Parameterization",
 ICML 2022), run by NoE experts jointly.
 
-Paper and reference: algorithms.md §6 (IDC-repo ``condense.py``, ``train.py``, ``augment.py``,
-``argument.py``, ``misc/reproduce.py``); DiffAug order: algorithms.md §3.1.
+Paper and reference: docs/methods.md §IDC (IDC-repo ``condense.py``, ``train.py``, ``augment.py``,
+``argument.py``, ``misc/reproduce.py``); DiffAug order: docs/methods.md §DSA.
 
 Parameterisation (multi-formation, factor f = 2). Each stored image S_i lives in [0, 1] pixel
 space at full size (H x W). Decoding d(S_i) cuts it into its f² = 4 quadrants and bilinearly
@@ -39,7 +39,7 @@ Loop. One driver iteration ``it`` = one OUTER iteration of IDC:
        ratio sqrt(1 − λ) at a uniform centre (clipped) is pasted from a random permutation of
        the batch, loss = r·CE(y) + (1 − r)·CE(y_perm), r = 1 − box area / image area.
 
-Hyper-parameters (``IDCExpertConfig`` defaults = CIFAR-10 reproduce settings of the IDC repo):
+Hyper-parameters (:class:`IDCConfig` defaults = CIFAR-10 reproduce settings of the IDC repo):
 inner_loop 100, batch_real 64, batch_syn_max 128, momentum 0.5, lr_img = 5e-3 × IPC/10
 (``tune_lr_img``; its extra factor (size / dataset base size)² is 1 at IDC's native sizes and is
 not applied here), n_data 2000 (IDC uses 500 for CIFAR-100 and SVHN), net SGD 0.01 / 0.9 / 5e-4,
@@ -78,20 +78,19 @@ Deviations, each on purpose:
 * The final images are not clamped after the last update (as IDC's saved ``data.pt``).
 
 Batching: IDC's C per-class image steps (momentum on the one image tensor moves every class at
-each step) are applied exactly in closed form (:class:`~moedd.experts.class_sgd.ClassSequentialSGD`,
+each step) are applied exactly in closed form (:class:`~moedd.experts._class_sgd.ClassSequentialSGD`,
 as IDM): every class's loss is taken at the point where the sequential loop would take it, so the
 C class losses can be computed in ONE pass. That pass runs the network as C (× NoE) grouped copies
 (:class:`~moedd.nets.grouped.GroupedConvNet`): one forward/backward for all classes' real
 gradients, one double backward for all synthetic ones, instead of C of each -- fewer, larger
 kernels (the per-class loop is launch-bound on a GPU). ``class_chunk`` bounds the classes per pass
 (memory); networks that are not instance-norm ConvNets fall back to one class per pass
-(``match_pass``; on the 2-core CPU the grouped pass is 9 % faster than the per-class loop). The real
-batch is min(batch_real, smallest class over all shards) for every expert (equal group sizes), and
-the siamese augmentation draws one parameter set per class for the pass (same distribution as
-one draw per class-step; a different order of draws than before commit f23753a).
+(``match_pass``). The real batch is min(batch_real, smallest class over all shards) for every
+expert (equal group sizes), and the siamese augmentation draws one parameter set per class for the
+pass (the same distribution as one draw per class-step).
 
 CUDA graph (``cuda_graph: true``, CUDA only): one inner step is captured and replayed
-``inner_loop`` times per outer iteration (``moedd.experts.idc_graph``); CutMix's coin, λ and box
+``inner_loop`` times per outer iteration (``moedd.experts._idc_graph``); CutMix's coin, λ and box
 are then drawn on the device (λ ~ U(0, 1): ``mix_beta`` 1), the rest as above.
 """
 
@@ -108,16 +107,61 @@ from torch import Tensor, nn
 
 from moedd.augment import DSA, DSAParams
 from moedd.augment.dsa import UnitDraw
-from moedd.config import ConfigError, IDCExpertConfig
+from typing import Literal
+
+from pydantic import Field
+
+from moedd._graphs import RunnerSlot
+from moedd.config import ConfigError, NetTraining, OptionalDSAStrategy
 from moedd.device import memory_format_for
-from moedd.experts.base import DistillContext, ExpertMethod, RunSpec, frozen_random_net, register_expert
-from moedd.experts.class_sgd import ClassSequentialSGD
-from moedd.experts.idc_graph import STREAM_MATCH, STREAM_MIX, STREAM_NET, StaticInnerSteps
-from moedd.graphs import RunnerSlot
-from moedd.moe import expert_dcor_loss
+from moedd.experts._class_sgd import ClassSequentialSGD
+from moedd.experts._idc_graph import STREAM_MATCH, STREAM_MIX, STREAM_NET, StaticInnerSteps
+from moedd.experts.base import DistillContext, ExpertMethod, RunSpec, frozen_random_net, mixture_metrics, register_expert
 from moedd.nets.grouped import GroupedConvNet
+from moedd.synthetic import decode_grouped, mosaic
 
 _GEOMETRIC = ("crop", "scale", "rotate")
+
+
+class IDCConfig(NetTraining):
+    """``experts.idc``; defaults = the CIFAR reproduce settings of docs/methods.md §IDC (the
+    network's SGD: :class:`~moedd.config.NetTraining`)."""
+
+    preset: str = "auto"
+    """Row of ``presets.idc`` to apply: auto (data.source) | cifar10 | cifar100 | none (moedd.params)."""
+    iterations: int = Field(2000, ge=0)
+    """Outer iterations (a fresh network each)."""
+    inner_loop: int = Field(100, ge=1)
+    """Matching steps per outer iteration, each followed by network training on real data."""
+    batch_real: int = Field(64, ge=1)
+    batch_syn_max: int = Field(128, ge=1)
+    lr_img: float | None = Field(None, gt=0)
+    """None = 5e-3 x IPC/10 (IDC's tune_lr_img for 32 px)."""
+    momentum: float = Field(0.5, ge=0, lt=1)
+    n_data: int = Field(2000, ge=1)
+    """Real samples the network trains on between matchings (CutMix + DSA)."""
+    mix_p: float = Field(0.5, ge=0, le=1)
+    mix_beta: float = Field(1.0, gt=0)
+    factor: Literal[1, 2] = 2
+    """Multi-formation factor (2 = each stored image decodes into 4 quadrants)."""
+    match_dsa_strategy: OptionalDSAStrategy = "color_crop_cutout"
+    net_dsa_strategy: OptionalDSAStrategy = "color_crop"
+    metric: Literal["mse", "l1", "cos"] = "mse"
+    match_pass: Literal["auto", "grouped", "per_class"] = "auto"
+    """How the class losses of a matching phase are computed (same result either way; speed and
+    memory only): "grouped" = many classes per pass through grouped copies of the network (fewer,
+    larger kernels); "per_class" = one class per pass (least memory); "auto" = grouped where the
+    grouped copies cover the net, per-class otherwise. Measured in benchmarks/README.md."""
+    class_chunk: int | None = Field(10, ge=1)
+    """Classes whose gradients are matched in one grouped pass (None = all). The pass holds
+    NoE x class_chunk x (batch_real + decoded images) activations, so the default keeps CIFAR-100's
+    100 classes at CIFAR-10's memory (10 passes); raise it on a large GPU, lower it if short."""
+    cuda_graph: bool = False
+    """On a CUDA device, capture one inner step (matching phase and network update) as a CUDA
+    graph and replay it ``inner_loop`` times per outer iteration (``moedd.experts._idc_graph``):
+    one launch instead of thousands. CutMix's coin, λ and box are then drawn on the device (needs
+    ``mix_beta`` 1, i.e. λ ~ U(0, 1)). No effect on a CPU. Off by default until measured on a GPU
+    (benchmarks/README.md)."""
 
 
 # ---------------------------------------------------------------- building blocks
@@ -153,33 +197,6 @@ def grouped_gradient_distance(g_real: Sequence[Tensor], g_syn: Sequence[Tensor],
         total = t if total is None else total + t
     assert total is not None
     return total
-
-
-def decode(images: Tensor, factor: int) -> Tensor:
-    """Multi-formation decoding of (..., n, ch, H, W) -> (..., f²·n, ch, H, W), quadrant-major.
-
-    Same result per expert as the evaluator's "multiformation2" decoder (quadrants TL, BL, TR,
-    BR, bilinear upsampling, ``align_corners=False``); factor 1 is the identity.
-    """
-    if factor == 1:
-        return images
-    *lead, n, ch, h, w = images.shape
-    hh, ww = h // 2, w // 2
-    quads = [images[..., :hh, :ww], images[..., hh:, :ww], images[..., :hh, ww:], images[..., hh:, ww:]]
-    up = [F.interpolate(q.reshape(-1, ch, q.shape[-2], q.shape[-1]), size=(h, w), mode="bilinear",
-                        align_corners=False).view(*lead, n, ch, h, w) for q in quads]
-    return torch.cat(up, dim=len(lead))
-
-
-def mosaic(parts: Tensor, factor: int) -> Tensor:
-    """(f², n, ch, H, W) full-size images -> (n, ch, H, W) mosaics of the parts resized to H/f.
-
-    Part ``a·f + b`` goes to block row a, column b (IDC's ``init='mix'``); nearest resize.
-    """
-    f2, n, ch, h, w = parts.shape
-    small = F.interpolate(parts.reshape(f2 * n, ch, h, w), size=(h // factor, w // factor))
-    small = small.view(factor, factor, n, ch, h // factor, w // factor)
-    return small.permute(2, 3, 0, 4, 1, 5).reshape(n, ch, h, w)
 
 
 def cutmix(x: Tensor, y: Tensor, beta: float, rng: np.random.Generator,
@@ -286,23 +303,20 @@ class IDC(ExpertMethod):
     """IDC experts: gradient matching of multi-formation synthetic images on a trained network."""
 
     name = "idc"
-    config_cls = IDCExpertConfig
+    config_cls = IDCConfig
+    smoke = {"iterations": 2, "inner_loop": 2, "batch_real": 4, "n_data": 16}
     space = "pixel"
     decoding = "multiformation2"
-    cfg: IDCExpertConfig
+    cfg: IDCConfig
 
-    def __init__(self, cfg: IDCExpertConfig, ctx: DistillContext) -> None:
+    def __init__(self, cfg: IDCConfig, ctx: DistillContext) -> None:
         super().__init__(cfg, ctx)
         self.decoding = "multiformation2" if cfg.factor == 2 else "none"
         _, h, w = ctx.image_shape
         if cfg.factor == 2 and (h % 2 or w % 2):
             raise ValueError(f"IDC factor 2 needs an even image size, got {h}x{w}")
-        self._mean = torch.tensor(ctx.mean, device=ctx.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(ctx.std, device=ctx.device).view(1, -1, 1, 1)
         self.match_aug = IDCAugment(cfg.match_dsa_strategy)
         self.net_aug = IDCAugment(cfg.net_dsa_strategy)
-        # smallest class of every shard (host ints, computed once: no syncs in the loop)
-        self.min_count = [int((t >= 0).sum(1).min()) for t in ctx.class_tables]
         # class ids on the device once: a host list copied per pass would sync a GPU's stream
         self.class_ids = torch.arange(ctx.num_classes, device=ctx.device)
         self.graphs = RunnerSlot(cfg.cuda_graph, lambda syn: StaticInnerSteps(self, syn, capture=True), "IDC")
@@ -313,7 +327,7 @@ class IDC(ExpertMethod):
             self.pool_labels = torch.cat(ctx.shard_labels)
 
     @classmethod
-    def check_inputs(cls, cfg: IDCExpertConfig, spec: RunSpec) -> None:  # type: ignore[override]
+    def check_inputs(cls, cfg: IDCConfig, spec: RunSpec) -> None:  # type: ignore[override]
         if cfg.cuda_graph and cfg.mix_beta != 1.0:
             raise ConfigError(f"experts.idc.cuda_graph draws CutMix's λ on the device as U(0, 1), i.e. mix_beta 1; "
                               f"got mix_beta {cfg.mix_beta} (set cuda_graph false)")
@@ -327,28 +341,10 @@ class IDC(ExpertMethod):
 
     # ------------------------------------------------------------ data
 
-    def class_draw(self, k: int, n: int, gen: torch.Generator) -> Tensor:
-        """(C, n) shard-local indices of random images of every class of shard k.
-
-        Distinct within a class when n ≤ its smallest class; otherwise fresh permutations are
-        concatenated.
-        """
-        table = self.ctx.class_tables[k]
-        valid = table >= 0
-        per = min(n, self.min_count[k])
-        picks = []
-        for _ in range(math.ceil(n / per)):
-            keys = torch.rand(table.shape, generator=gen, device=table.device).masked_fill_(~valid, 2.0)
-            picks.append(torch.gather(table, 1, keys.argsort(1)[:, :per]))
-        return torch.cat(picks, 1)[:, :n]
-
-    def pixels(self, k: int, idx: Tensor) -> Tensor:
-        """Shard k's images ``idx`` as float pixels in [0, 1]."""
-        return self.ctx.shard_images[k][idx].float().div_(255.0)
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """[0, 1] pixels -> the dataset's normalised space."""
-        return (x - self._mean) / self._std
+    def decode(self, images: Tensor) -> Tensor:
+        """Multi-formation decoding of (..., n, ch, H, W) -> (..., f²·n, ch, H, W), quadrant-major:
+        the evaluator's decoder (quadrants TL, BL, TR, BR, bilinear); factor 1 is the identity."""
+        return images if self.decoding == "none" else decode_grouped(images, self.decoding)
 
     def init_images(self) -> Tensor:
         ctx, f = self.ctx, self.cfg.factor
@@ -356,12 +352,13 @@ class IDC(ExpertMethod):
         c, ipc, shape = ctx.num_classes, ctx.ipc, ctx.image_shape
         out = []
         for k in range(ctx.noe):
-            idx = self.class_draw(k, f * f * ipc, gen)  # (C, f²·IPC): class-major
-            x = self.pixels(k, idx.flatten()).view(c, f * f, ipc, *shape)
+            idx = ctx.sample_indices(k, f * f * ipc, gen, repeat=True)  # (C, f²·IPC): class-major
+            x = ctx.pixels(k, idx.flatten()).view(c, f * f, ipc, *shape)
             if f == 1:
                 out.append(x.flatten(0, 2))
-            else:
-                out.append(torch.stack([mosaic(x[j], f) for j in range(c)]).flatten(0, 1))
+            else:  # part a·2 + b goes to block row a, column b (IDC's init='mix'): TL, TR, BL, BR
+                quads = x[:, [0, 2, 1, 3]].transpose(1, 2).reshape(c * ipc, 4, *shape)  # decoder order
+                out.append(mosaic(quads, "nearest"))
         return torch.stack(out)
 
     def setup(self, syn: Tensor) -> None:
@@ -389,15 +386,15 @@ class IDC(ExpertMethod):
             total = Σ_k L_c,k + λ·dCor_c, the per-expert losses (NoE,) and dCor_c (detached).
         """
         ctx, cfg = self.ctx, self.cfg
-        dev, ipc, noe = ctx.device, ctx.ipc, ctx.noe
+        dev, ipc = ctx.device, ctx.ipc
         cl = memory_format_for(net, dev)
         weights = conv_weights(net)
-        dec = decode(syn[:, c * ipc:(c + 1) * ipc], cfg.factor)  # (NoE, f²·IPC, ch, H, W)
+        dec = self.decode(syn[:, c * ipc:(c + 1) * ipc])  # (NoE, f²·IPC, ch, H, W)
         m = dec.shape[1]
         if m > cfg.batch_syn_max:  # one sub-sample for all experts: rows stay paired for dCor
             keep = torch.randperm(m, generator=gen, device=dev)[: cfg.batch_syn_max]
             dec, m = dec.index_select(1, keep), cfg.batch_syn_max
-        syn_x = self.normalize(dec.flatten(0, 1))
+        syn_x = ctx.normalize_pixels(dec.flatten(0, 1))
         real_x = torch.cat([ctx.normalize(ctx.shard_images[k][i]) for k, i in enumerate(real_idx)])
         draws = self.match_aug.draw(1, syn_x, gen)  # siamese: real and syn share one draw
         with torch.no_grad():
@@ -417,12 +414,8 @@ class IDC(ExpertMethod):
             losses.append(gradient_distance(g_real, g_syn, cfg.metric))
             feats.append(f)
         per_expert = torch.stack(losses)
-        total = per_expert.sum()
-        dcor = total.new_zeros(())
-        if ctx.dcor_weight > 0 and noe > 1:
-            dcor = expert_dcor_loss(torch.stack(feats).unsqueeze(1))
-            total = total + ctx.dcor_weight * dcor
-        return total, per_expert.detach(), dcor.detach()
+        term, dcor = ctx.diversity(torch.stack(feats).unsqueeze(1))
+        return per_expert.sum() + term, per_expert.detach(), dcor
 
     def match_classes(self, grouped: GroupedConvNet, syn: Tensor, classes: Sequence[int], draws: Sequence[Tensor],
                       gen: torch.Generator, static: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -445,12 +438,12 @@ class IDC(ExpertMethod):
         n = draws[0].shape[1]
         rows = slice(classes[0], classes[-1] + 1)  # consecutive ids (a host list would be copied to the device)
         real_x = torch.cat([ctx.normalize(ctx.shard_images[k][d[rows].flatten()]) for k, d in enumerate(draws)])
-        dec = torch.stack([decode(syn[:, c * ipc:(c + 1) * ipc], cfg.factor) for c in classes], 1)  # (NoE, cc, m, …)
+        dec = torch.stack([self.decode(syn[:, c * ipc:(c + 1) * ipc]) for c in classes], 1)  # (NoE, cc, m, …)
         m = dec.shape[2]
         if m > cfg.batch_syn_max:  # one sub-sample per class for all experts: rows stay paired for dCor
             keep = [torch.randperm(m, generator=gen, device=dev)[: cfg.batch_syn_max] for _ in classes]
             dec, m = torch.stack([dec[:, j].index_select(1, keep[j]) for j in range(cc)], 1), cfg.batch_syn_max
-        syn_x = self.normalize(dec.flatten(0, 2))
+        syn_x = ctx.normalize_pixels(dec.flatten(0, 2))
         units = torch.arange(cc, device=dev)
         aug = self.match_aug.draw(cc, syn_x, gen)  # siamese: real and syn of a class share one draw
         with torch.no_grad():
@@ -464,12 +457,8 @@ class IDC(ExpertMethod):
         logits, feats = grouped.forward(syn_x.view(groups, m, *shape), weights)
         g_syn = torch.autograd.grad(grouped.group_losses(logits, labels).sum(), weights, create_graph=True)
         dist = grouped_gradient_distance(g_real, g_syn, groups, cfg.metric).view(noe, cc)
-        total = dist.sum()
-        dcor = total.new_zeros(())
-        if ctx.dcor_weight > 0 and noe > 1:
-            dcor = expert_dcor_loss(feats.view(noe, cc, m, -1))
-            total = total + ctx.dcor_weight * dcor
-        return total, dist.detach().t(), dcor.detach()
+        term, dcor = ctx.diversity(feats.view(noe, cc, m, -1))
+        return dist.sum() + term, dist.detach().t(), dcor
 
     def match_phase(self, net: nn.Module, syn: Tensor, gen: torch.Generator,
                     static: bool = False) -> tuple[Tensor, Tensor]:
@@ -481,8 +470,8 @@ class IDC(ExpertMethod):
             matching losses per class and expert (C, NoE) and dCor summed over classes (detached).
         """
         ctx, cfg = self.ctx, self.cfg
-        n = min(cfg.batch_real, *self.min_count)
-        draws = [self.class_draw(k, n, gen) for k in range(ctx.noe)]
+        n = min(cfg.batch_real, *ctx.min_counts)
+        draws = [ctx.sample_indices(k, n, gen, repeat=True) for k in range(ctx.noe)]
         x = self.opt.lookahead().requires_grad_(True)
         want = cfg.match_pass in ("grouped", "auto")
         grouped = GroupedConvNet(net) if want and GroupedConvNet.supports(net) else None
@@ -561,8 +550,7 @@ class IDC(ExpertMethod):
         with torch.no_grad():
             syn.clamp_(0.0, 1.0)
         net = self.fresh_net(it)
-        net_opt = torch.optim.SGD(net.parameters(), lr=cfg.net_lr, momentum=cfg.net_momentum,
-                                  weight_decay=cfg.net_weight_decay)
+        net_opt = cfg.net_optimizer(net)
         gen_match, gen_net = ctx.generator(it, STREAM_MATCH), ctx.generator(it, STREAM_NET)
         rng = np.random.default_rng(ctx.seed_for(it, STREAM_MIX))
         per_class = torch.zeros(ctx.num_classes, ctx.noe, device=ctx.device)
@@ -583,11 +571,8 @@ class IDC(ExpertMethod):
         ctx, cfg = self.ctx, self.cfg
         per_class = per_class / cfg.inner_loop
         dcor = dcor / cfg.inner_loop
-        per_expert = per_class.sum(0)
-        match = per_expert.sum()
-        out = {"loss": match + ctx.dcor_weight * dcor, "match": match, "dcor": dcor,
-               "net_acc": correct.float() / max(seen, 1)}
-        out.update({f"match_e{k}": per_expert[k] for k in range(ctx.noe)})
+        out = mixture_metrics(per_class.sum(0), dcor, ctx.dcor_weight)
+        out["net_acc"] = correct.float() / max(seen, 1)
         # IDC's own diagnostic: the matching loss of every class (summed over experts)
         out.update({f"match_c{c}": v for c, v in enumerate(per_class.sum(1))})
         if cfg.cuda_graph:  # 1 when this outer iteration replayed the graph (0: eager, e.g. on a CPU)

@@ -1,6 +1,6 @@
 """Improved Distribution Matching (IDM; Zhao, Li, Qin & Yu, CVPR 2023), run by NoE experts jointly.
 
-IDM extends DM (``moedd.experts.dm``, algorithms.md §5.1) with three parts (algorithms.md §5.2,
+IDM extends DM (``moedd.experts.dm``, docs/methods.md §DM) with three parts (docs/methods.md §IDM,
 IDM-repo ``IDM_cifar10.py`` / ``IDM_cifar100.py``):
 
 1. **Partitioning & expansion** P (factor 2): every stored image is a 2x2 mosaic; inside the loss
@@ -35,12 +35,12 @@ acc_θ in PERCENT (0-100) and CE the mean over the 4·IPC expanded images of the
 and the augmentation of a step; every expert only ever sees real images of its own shard in the
 matching loss.
 
-Hyper-parameters (``IDMExpertConfig``): image SGD lr 0.2, momentum 0.5, 20,000 iterations,
+Hyper-parameters (:class:`IDMConfig`): image SGD lr 0.2, momentum 0.5, 20,000 iterations,
 queue net SGD lr 0.01 / momentum 0.9 / weight decay 5e-4 (``--net_decay``), net_num 100,
 train_net_num 1, fetch_net_num 2, model_train_steps 10, trained_bs 256, DSA
 color_crop_cutout_flip_scale_rotate (IDM-repo argument defaults and ``command.txt``); ce_weight
 0.5, batch_real 256, net_generate_interval 30 = the CIFAR-10 IPC-10 row of ``command.txt``
-(algorithms.md §5.2 lists the other rows).
+(docs/methods.md §IDM lists the other rows).
 
 The image optimizer: IDM steps ``SGD(lr_img, momentum 0.5)`` on the single tensor of all
 synthetic images once PER CLASS (zero_grad, backward of L_c, step, for c = 0..C-1, for each
@@ -98,13 +98,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from typing import Literal
+
+from pydantic import Field
+
 from moedd.augment import DSA, DSAParams
-from moedd.config import IDMExpertConfig
-from moedd.device import at_least_float32, memory_format_for
-from moedd.evaluate import DECODERS
-from moedd.experts.base import DistillContext, ExpertMethod, frozen_random_net, register_expert
-from moedd.experts.class_sgd import ClassSequentialSGD
-from moedd.moe import expert_dcor_loss
+from moedd.config import DSA_STRATEGY, DSAStrategy, NetTraining
+from moedd.device import memory_format_for
+from moedd.experts._class_sgd import ClassSequentialSGD
+from moedd.experts.base import (
+    DistillContext, ExpertMethod, frozen_random_net, mixture_metrics, register_expert, siamese_features,
+)
+from moedd.synthetic import decode_grouped, mosaic
 
 # generator streams of one iteration (DistillContext.seed_for(it, stream)); all < 97 and distinct
 _STREAM_DSA, _STREAM_REAL, _STREAM_PICK, _STREAM_TRAIN = 2, 3, 4, 5
@@ -112,28 +117,32 @@ _STREAM_NET = 6  # used with the net's creation index in place of the iteration
 _INITIAL_NETS = 3
 
 
-def _quadrant_slices(h: int, w: int) -> list[tuple[slice, slice]]:
-    """Row/column slices of the four quadrants in decoder order: TL, BL, TR, BR."""
-    h2, w2 = h // 2, w // 2
-    top, bottom, left, right = slice(0, h2), slice(h2, h), slice(0, w2), slice(w2, w)
-    return [(top, left), (bottom, left), (top, right), (bottom, right)]
+class IDMConfig(NetTraining):
+    """``experts.idm``; defaults = the CIFAR-10 IPC 10 row of docs/methods.md §IDM (the queue
+    networks' SGD: :class:`~moedd.config.NetTraining`)."""
 
-
-def mosaic(quadrants: Tensor) -> Tensor:
-    """Assemble 2x2 mosaics from full-size images, each bilinearly downscaled to its quadrant.
-
-    Args:
-        quadrants: (N, 4, ch, H, W) -- image q of row n goes to quadrant q (TL, BL, TR, BR).
-
-    Returns:
-        (N, ch, H, W) mosaics.
-    """
-    n, _, ch, h, w = quadrants.shape
-    out = quadrants.new_zeros(n, ch, h, w)
-    for q, (rows, cols) in enumerate(_quadrant_slices(h, w)):
-        size = (rows.stop - rows.start, cols.stop - cols.start)
-        out[:, :, rows, cols] = F.interpolate(quadrants[:, q], size=size, mode="bilinear", align_corners=False)
-    return out
+    preset: str = "auto"
+    """Row of ``presets.idm`` to apply: auto (data.source) | cifar10 | cifar100 | none (moedd.params)."""
+    iterations: int = Field(20000, ge=0)
+    lr_img: float = Field(0.2, gt=0)
+    momentum: float = Field(0.5, ge=0, lt=1)
+    batch_real: int = Field(256, ge=1)
+    """Real images per class per iteration (from the expert's own shard)."""
+    ce_weight: float = Field(0.5, ge=0)
+    """λ_ce of the class-aware CE term; multiplied by the net's running accuracy in PERCENT (as IDM)."""
+    net_num: int = Field(100, ge=1)
+    """Capacity of the queue of semi-trained networks."""
+    net_generate_interval: int = Field(30, ge=1)
+    """Iterations between pushing a new random network into the queue."""
+    train_net_num: int = Field(1, ge=1)
+    """Networks sampled from the queue for matching per iteration."""
+    fetch_net_num: int = Field(2, ge=0)
+    """Networks of the queue trained on real data after each iteration."""
+    model_train_steps: int = Field(10, ge=0)
+    trained_bs: int = Field(256, ge=1)
+    factor: Literal[1, 2] = 2
+    """Partitioning & expansion factor (2 = each stored image decodes into 4 quadrants)."""
+    dsa_strategy: DSAStrategy = DSA_STRATEGY
 
 
 class QueueNet:
@@ -158,11 +167,12 @@ class IDM(ExpertMethod):
     """IDM experts: distribution matching with partition & expansion, a model queue and class-aware CE."""
 
     name = "idm"
-    config_cls = IDMExpertConfig
+    config_cls = IDMConfig
+    smoke = {"iterations": 2, "batch_real": 4, "trained_bs": 16, "model_train_steps": 1}
     space = "normalized"
-    cfg: IDMExpertConfig
+    cfg: IDMConfig
 
-    def __init__(self, cfg: IDMExpertConfig, ctx: DistillContext) -> None:
+    def __init__(self, cfg: IDMConfig, ctx: DistillContext) -> None:
         super().__init__(cfg, ctx)
         self.dsa = DSA(DSAParams(strategy=cfg.dsa_strategy))
         self.decoding = "multiformation2" if cfg.factor == 2 else "none"  # type: ignore[misc]
@@ -183,7 +193,7 @@ class IDM(ExpertMethod):
             # within each mosaic (n >= 4) and reused across mosaics
             pick = torch.arange(4 * ipc, device=real.device) % n
             quads = real[:, pick].view(c * ipc, 4, *ctx.image_shape)
-            out.append(mosaic(quads))
+            out.append(mosaic(quads, "bilinear"))
         return torch.stack(out)
 
     def expand(self, syn: Tensor) -> Tensor:
@@ -193,12 +203,7 @@ class IDM(ExpertMethod):
         the order within a class is quadrant-major (the same for every expert).
         """
         noe, c, ipc = syn.shape[0], self.ctx.num_classes, self.ctx.ipc
-        if self.decoding == "none":
-            return syn.view(noe, c, ipc, *syn.shape[2:])
-        flat = syn.flatten(0, 1)
-        dec, _ = DECODERS.get(self.decoding)(flat, torch.zeros(len(flat), dtype=torch.long, device=syn.device))
-        q = len(dec) // len(flat)
-        return dec.view(q, noe, c, ipc, *syn.shape[2:]).movedim(0, 2).reshape(noe, c, q * ipc, *syn.shape[2:])
+        return decode_grouped(syn.view(noe, c, ipc, *syn.shape[2:]), self.decoding)
 
     # ------------------------------------------------------------------ model queue
 
@@ -207,9 +212,7 @@ class IDM(ExpertMethod):
         index = self.created
         self.created += 1
         net = frozen_random_net(self.ctx, index, stream=_STREAM_NET)
-        opt = torch.optim.SGD(net.parameters(), lr=self.cfg.net_lr, momentum=self.cfg.net_momentum,
-                              weight_decay=self.cfg.net_weight_decay)
-        return QueueNet(index, net, opt, self.ctx.device)
+        return QueueNet(index, net, self.cfg.net_optimizer(net), self.ctx.device)
 
     def _push(self) -> None:
         self.queue.append(self._new_net())
@@ -264,13 +267,6 @@ class IDM(ExpertMethod):
 
     # ------------------------------------------------------------------ objective
 
-    def _real_batch(self, gen: torch.Generator) -> tuple[Tensor, int]:
-        """``batch_real`` real images per class of every expert's shard: (NoE·C·n, ...), n."""
-        ctx, c = self.ctx, self.ctx.num_classes
-        batches = [ctx.sample_real(k, self.cfg.batch_real, gen) for k in range(ctx.noe)]
-        n = min(m for _, m in batches)  # shards of very unequal size: equalise
-        return torch.cat([x.view(c, -1, *x.shape[1:])[:, :n].flatten(0, 1) for x, _ in batches]), n
-
     def net_loss(self, qn: QueueNet, syn: Tensor, gen_real: torch.Generator,
                  gen_dsa: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of one matching net at images ``syn`` (differentiable w.r.t. ``syn``).
@@ -282,42 +278,30 @@ class IDM(ExpertMethod):
         ctx, c, noe = self.ctx, self.ctx.num_classes, self.ctx.noe
         net = qn.net
         net.eval()
-        real, n_real = self._real_batch(gen_real)
+        real, n_real = ctx.sample_real_all(self.cfg.batch_real, gen_real)
         dec = self.expand(syn)  # (NoE, C, m, ...)
         m = dec.shape[2]
-        classes = torch.arange(c, device=ctx.device)
-        unit_real = classes.repeat_interleave(n_real).repeat(noe)
-        unit_syn = classes.repeat_interleave(m).repeat(noe)
-        cl = memory_format_for(net, ctx.device)
-        chunk = 128 if ctx.device.type == "cpu" else len(real)
-        state = gen_dsa.get_state()  # replay: real and synthetic images of a class share A
-        with torch.no_grad():
-            aug = self.dsa.siamese(real, unit_real, c, gen_dsa).contiguous(memory_format=cl)
-            f_real = at_least_float32(torch.cat([net.embed(aug[i : i + chunk]) for i in range(0, len(aug), chunk)]))
-        gen_dsa.set_state(state)
-        aug_syn = self.dsa.siamese(dec.flatten(0, 2), unit_syn, c, gen_dsa).contiguous(memory_format=cl)
-        f_syn = at_least_float32(net.embed(aug_syn))
+        f_real, f_syn = siamese_features(net, self.dsa, ctx, real, n_real, dec.flatten(0, 2), m, gen_dsa)
         d = f_syn.shape[-1]
         mean_real = f_real.view(noe, c, n_real, d).mean(2)
         feats = f_syn.view(noe, c, m, d)
         match = (mean_real - feats.mean(2)).pow(2).sum((1, 2))
+        unit_syn = torch.arange(c, device=ctx.device).repeat_interleave(m).repeat(noe)
         ce = F.cross_entropy(net.classifier(f_syn), unit_syn, reduction="none").view(noe, c, m).mean(2).sum(1)
-        dcor = expert_dcor_loss(feats) if ctx.dcor_weight > 0 else match.new_zeros(())
+        term, dcor = ctx.diversity(feats)
         acc = qn.accuracy()
-        total = match.sum() + self.cfg.ce_weight * acc * ce.sum() + ctx.dcor_weight * dcor
+        total = match.sum() + self.cfg.ce_weight * acc * ce.sum() + term
         return total, {"match": match, "ce": ce, "dcor": dcor, "acc": acc}
 
     def _metrics(self, totals: list[Tensor], parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        match = torch.stack([p["match"] for p in parts]).sum(0).detach()
-        out = {
-            "loss": torch.stack(totals).sum().detach(),
-            "match": match.sum(),
+        match = torch.stack([p["match"] for p in parts]).sum(0)
+        dcor = torch.stack([p["dcor"] for p in parts]).sum()
+        out = mixture_metrics(match, dcor, self.ctx.dcor_weight, torch.stack(totals).sum())
+        out.update({
             "ce": torch.stack([p["ce"].sum() for p in parts]).sum().detach(),
-            "dcor": torch.stack([p["dcor"] for p in parts]).sum().detach(),
             "net_acc": torch.stack([p["acc"] for p in parts]).mean().detach(),
             "queue_size": torch.tensor(float(len(self.queue))),
-        }
-        out.update({f"match_e{k}": match[k] for k in range(self.ctx.noe)})
+        })
         return out
 
     def objective(self, syn: Tensor, it: int) -> tuple[Tensor, dict[str, Tensor]]:

@@ -1,8 +1,8 @@
 """MTT (Cazenavette et al., "Dataset Distillation by Matching Training Trajectories", CVPR 2022),
 run by NoE experts jointly, each against teachers trained on its own shard.
 
-Facts: algorithms.md §7 (mtt-distillation ``distill.py``, ``buffer.py``), hyper-parameters per
-setting in ``presets.mtt`` (author-provided table, §7.3), ZCA §3.2.
+Facts: docs/methods.md §MTT (mtt-distillation ``distill.py``, ``buffer.py``), hyper-parameters per
+setting in ``presets.mtt`` (author-provided table, docs/methods.md §MTT presets), ZCA docs/methods.md §ZCA.
 
 Per iteration ``it`` and expert k:
 
@@ -28,7 +28,7 @@ in ``syn.grad``), so the peak is one expert's graph: about ``syn_steps × batch_
 activations of one image (``estimate_memory_gb``), checked against the device before any work.
 
 CUDA graph (``cuda_graph: true``, CUDA only): every expert's unroll and meta-gradient of an
-iteration are captured once and replayed (``moedd.experts.mtt_graph``); the DSA group of each
+iteration are captured once and replayed (``moedd.experts._mtt_graph``); the DSA group of each
 step is then drawn on the device, the rest as above.
 
 Input space: with ``zca: true`` (CIFAR-10 presets) images live in the ZCA space fitted on the
@@ -48,25 +48,60 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from pydantic import Field
+
+from moedd._graphs import RunnerSlot
 from moedd.augment import DSA, DSAParams
-from moedd.config import ConfigError, MTTExpertConfig
+from moedd.config import DSA_STRATEGY, ConfigError, DSAStrategy, Section
 from moedd.device import memory_format_for
-from moedd.experts.base import DistillContext, ExpertMethod, RunSpec, frozen_random_net, register_expert
-from moedd.experts.mtt_graph import StaticUnrolls
-from moedd.graphs import RunnerSlot
-from moedd.moe import expert_dcor_loss
+from moedd.experts._mtt_graph import StaticUnrolls
+from moedd.experts.base import DistillContext, ExpertMethod, RunSpec, frozen_random_net, mixture_metrics, register_expert
+from moedd.nets import create_net
 
 # generator streams of one iteration (DistillContext.seed_for(it, stream)); all < 97 and distinct
 _STREAM_DSA, _STREAM_PICK, _STREAM_ORDER, _STREAM_DCOR_NET = 2, 3, 4, 5
 
 _BYTES_PER_ACTIVATION = 10
 """Bytes kept per conv/norm/pool output element and unrolled step (float32 activations plus what
-the double backward keeps), rounded up from a measurement on CPU with benchmarks/bench.py (100
-CIFAR images, each side in its own process, peak RSS): 6.16 GiB at 15 steps (an earlier draft of
-the norm's double backward) and 11.14 GiB at 30, 0.33 GiB per step = 3.6 MB per image-step over
-387,082 elements per image = 9.2 bytes each (the reference: 12.63 GiB at 30 steps). Before moedd's own instance norm (moedd.nets.norm) it was 11.4;
-with moedd's Conv2d (moedd.nets.conv) the 30-step peak is 10.55-10.62 GiB (about 8.7 bytes), so
-10 stays a safe upper bound."""
+the double backward keeps): an upper bound of the measured 8.7 bytes (peak RSS of 100 CIFAR
+images x 30 unrolled steps on the CPU, benchmarks/bench.py; the measurement log is in
+docs/results.md)."""
+
+
+class MTTConfig(Section):
+    """``experts.mtt``; defaults = the CIFAR-10 IPC 10 row of the author-provided table
+    (docs/methods.md §MTT presets), which FTD's script confirms."""
+
+    preset: str = "auto"
+    """Row of ``presets.mtt`` to apply: auto (data.source) | cifar10 | cifar100 | none (moedd.params)."""
+    iterations: int = Field(5000, ge=0)
+    syn_steps: int = Field(30, ge=1)
+    """N: unrolled student steps per iteration (memory grows linearly with it)."""
+    expert_epochs: int = Field(2, ge=1)
+    """M: the student's target is the teacher M epochs after the start epoch."""
+    max_start_epoch: int = Field(20, ge=1)
+    """T+: start epochs are drawn from 0 .. T+-1."""
+    batch_syn: int | None = Field(None, ge=1)
+    """Synthetic images per student step (None = all of the expert's images; memory knob)."""
+    lr_img: float = Field(100.0, gt=0)
+    lr_lr: float = Field(1e-5, gt=0)
+    lr_teacher: float = Field(0.001, gt=0)
+    """α0: initial value of the learnable student learning rate."""
+    momentum: float = Field(0.5, ge=0, lt=1)
+    """SGD momentum of the image and learning-rate optimisers."""
+    zca: bool = True
+    """Distill (and train teachers) in ZCA-whitened space (kornia math, eps 0.1, fitted on the
+    full training set)."""
+    zca_eps: float = Field(0.1, gt=0)
+    dsa_strategy: DSAStrategy = DSA_STRATEGY
+    max_memory_gb: float | None = Field(None, gt=0)
+    """Refuse a run whose estimated peak memory exceeds this (None = the device's memory)."""
+    cuda_graph: bool = False
+    """On a CUDA device, capture each iteration's unrolls and meta-gradients as one CUDA graph
+    and replay it (``moedd.experts._mtt_graph``): one launch instead of thousands, for GPUs where
+    the host's launches bound the iteration. The DSA group of each step is then drawn on the
+    device (same distribution, another random stream). No effect on a CPU. Off by default until
+    measured on a GPU (benchmarks/README.md)."""
 
 
 def activation_elements(net: nn.Module, image_shape: tuple[int, ...]) -> int:
@@ -121,10 +156,12 @@ class MatchingTrainingTrajectories(ExpertMethod):
     """MTT experts: unrolled student training on the synthetic images matches teacher trajectories."""
 
     name = "mtt"
-    config_cls = MTTExpertConfig
-    cfg: MTTExpertConfig
+    config_cls = MTTConfig
+    smoke = {"iterations": 4, "syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2}
+    needs_trajectories = True
+    cfg: MTTConfig
 
-    def __init__(self, cfg: MTTExpertConfig, ctx: DistillContext) -> None:
+    def __init__(self, cfg: MTTConfig, ctx: DistillContext) -> None:
         super().__init__(cfg, ctx)
         traj = ctx.trajectories
         if traj is None:
@@ -136,8 +173,6 @@ class MatchingTrainingTrajectories(ExpertMethod):
         ch, h, _ = ctx.image_shape
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            from moedd.nets import create_net
-
             net = create_net(ctx.net, ctx.num_classes, channels=ch, image_size=h)
         self.net = net.to(ctx.device, memory_format=memory_format_for(net, ctx.device))
         self.net.requires_grad_(False)
@@ -153,7 +188,7 @@ class MatchingTrainingTrajectories(ExpertMethod):
     # ------------------------------------------------------------------ checks
 
     @classmethod
-    def check_inputs(cls, cfg: MTTExpertConfig, ctx: RunSpec) -> None:  # type: ignore[override]
+    def check_inputs(cls, cfg: MTTConfig, ctx: RunSpec) -> None:  # type: ignore[override]
         """Trajectories consistent with the run, and a memory estimate that fits; before any work."""
         traj = ctx.trajectories
         if traj is None:
@@ -175,8 +210,6 @@ class MatchingTrainingTrajectories(ExpertMethod):
             if traj.count(k) < 1:
                 raise ConfigError(f"no teacher trajectories for shard {k}")
         ch, h, _ = ctx.image_shape
-        from moedd.nets import create_net
-
         net = create_net(ctx.net, ctx.num_classes, channels=ch, image_size=h)
         p = sum(x.numel() for x in net.parameters())
         if int(meta.get("param_count", p)) != p:
@@ -286,15 +319,14 @@ class MatchingTrainingTrajectories(ExpertMethod):
                     graphs.append(loss)
                 losses.append(loss.detach())
         dcor = torch.zeros((), device=ctx.device)
-        if ctx.dcor_weight > 0 and ctx.noe > 1:
+        if ctx.diverse:  # the embedding network is only built when the term is on
             net = frozen_random_net(ctx, it, stream=_STREAM_DCOR_NET)
             feats = net.embed(syn.flatten(0, 1).contiguous(memory_format=memory_format_for(net, ctx.device)))
-            dcor = expert_dcor_loss(feats.view(ctx.noe, ctx.num_classes, ctx.ipc, -1))
+            term, dcor = ctx.diversity(feats.view(ctx.noe, ctx.num_classes, ctx.ipc, -1))
             if backward:
-                (ctx.dcor_weight * dcor).backward()
+                term.backward()
             else:
-                graphs.append(ctx.dcor_weight * dcor)
-            dcor = dcor.detach()
+                graphs.append(term)
         return torch.stack(losses), dcor, graphs
 
     # ------------------------------------------------------------------ CUDA graph
@@ -336,11 +368,10 @@ class MatchingTrainingTrajectories(ExpertMethod):
         match, dcor, _ = self._losses(syn, it, backward=True)
         self.opt_img.step()
         self.opt_lr.step()
-        out = {"loss": match.sum() + ctx.dcor_weight * dcor, "match": match.sum(), "dcor": dcor,
-               "lr": self.lr.detach().clone(), "peak_mem_gb": torch.tensor(peak_memory_gb(ctx.device))}
+        out = mixture_metrics(match, dcor, ctx.dcor_weight)
+        out.update({"lr": self.lr.detach().clone(), "peak_mem_gb": torch.tensor(peak_memory_gb(ctx.device))})
         if self.cfg.cuda_graph:  # 1 when this iteration replayed the graph (0: eager, e.g. on a CPU)
             out["cuda_graph"] = torch.tensor(float(self.graphs.replaying))
-        out.update({f"match_e{k}": match[k] for k in range(ctx.noe)})
         return out
 
     def learned_lr(self) -> float | None:

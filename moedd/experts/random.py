@@ -1,16 +1,24 @@
 """Random real images: the baseline every distillation method must beat.
 
 Each expert draws IPC images per class uniformly without replacement from its own shard
-(DC-repo ``get_images``; not IDC's deterministic first-IPC rule, algorithms.md §8.2).
+(DC-repo ``get_images``; not IDC's deterministic first-IPC rule, docs/methods.md §Baselines).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
-from moedd.config import RandomExpertConfig
+from moedd.config import Section
 from moedd.experts.base import ExpertMethod, register_expert
+
+
+class RandomConfig(Section):
+    """``experts.random``: random real images of the expert's own shard (no optimisation)."""
+
+    iterations: Literal[0] = 0
 
 
 @register_expert
@@ -18,7 +26,7 @@ class RandomReal(ExpertMethod):
     """Random real images of the expert's shard, in normalised space; no optimisation."""
 
     name = "random"
-    config_cls = RandomExpertConfig
+    config_cls = RandomConfig
 
     def init_images(self) -> Tensor:
         gen = self.ctx.generator(it=-1)

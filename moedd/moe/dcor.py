@@ -1,6 +1,6 @@
 """Squared distance correlation between paired feature sets (Zhen et al., ECCV 2022).
 
-Definition (algorithms.md §1.3): rows are L2-normalised, pairwise Euclidean distance matrices
+Definition (docs/methods.md §dCor): rows are L2-normalised, pairwise Euclidean distance matrices
 are double-centred, and R = dCov²(X,Y) / sqrt(dVar²(X)·dVar²(Y)), which lies in [0, 1] and is 0
 for independent representations (in the population limit). MoE-DD minimises it between experts
 so that they learn distinct representations.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moedd.device import at_least_float32
+from moedd.precision import at_least_float32
 
 
 def _centred_distances(x: Tensor) -> Tensor:
@@ -57,3 +57,19 @@ def expert_dcor_loss(features: Tensor) -> Tensor:
     pairs = list(itertools.combinations(range(noe), 2))
     terms = [dcor2(at_least_float32(features[i]), at_least_float32(features[j])).sum() for i, j in pairs]
     return torch.stack(terms).mean()
+
+
+def diversity_term(features: Tensor, weight: float) -> tuple[Tensor, Tensor]:
+    """MoE-DD's diversity term for an expert objective: (λ·``expert_dcor_loss`` to add to the
+    loss, the dCor itself detached for logging). Zeros, and nothing computed, when λ is 0 or
+    there is a single expert.
+
+    Args:
+        features: (NoE, C, n, D), as :func:`expert_dcor_loss`.
+        weight: λ (``distill.dcor_weight``).
+    """
+    if weight == 0 or features.shape[0] < 2:
+        zero = features.new_zeros(())
+        return zero, zero
+    dcor = expert_dcor_loss(features)
+    return weight * dcor, dcor.detach()

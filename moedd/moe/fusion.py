@@ -1,4 +1,4 @@
-"""Mixup fusion of the experts' images while a new network trains on them (DESIGN.md).
+"""Mixup fusion of the experts' images while a new network trains on them (docs/design.md).
 
 With probability p a training sample x_a (class c, expert e) is mixed with a random sample x_b
 of the same class from a *different* expert: x = λ·x_a + (1−λ)·x_b with λ ~ Beta(α, α). The

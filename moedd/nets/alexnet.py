@@ -1,4 +1,4 @@
-"""The small AlexNet used in dataset-distillation papers (algorithms.md §2.3).
+"""The small AlexNet used in dataset-distillation papers (docs/methods.md §AlexNet).
 
 Five convs (128, 192, 256, 192, 192 channels; 5x5, 5x5, 3x3, 3x3, 3x3), three max-pools, no
 normalization by default, and a single linear head on the 192*4*4 = 3072-d feature (32 px).
@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from moedd.nets import make_norm, register_net
-from moedd.nets.base import TrunkClassifier
+from moedd.nets.base import TrunkClassifier, make_norm, register_net
 from moedd.nets.pool import MaxPool2x2
 
 # (out_channels, kernel, pool after)

@@ -1,4 +1,4 @@
-"""ConvNet, the default distillation backbone (algorithms.md §2.2).
+"""ConvNet, the default distillation backbone (docs/methods.md §ConvNet).
 
 Each of ``depth`` blocks is Conv3x3(pad 1, bias) -> norm -> ReLU -> AvgPool2d(2), so a 32 px
 input shrinks 32 -> 16 -> 8 -> 4 at depth 3 and the flattened feature is 128*4*4 = 2048.
@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from moedd.nets import make_norm, register_net
-from moedd.nets.base import TrunkClassifier
+from moedd.nets.base import TrunkClassifier, make_norm, register_net
 from moedd.nets.conv import Conv2d
 from moedd.nets.pool import AvgPool2x2
 

@@ -1,4 +1,4 @@
-"""CIFAR-style ResNet18 (algorithms.md §2.5).
+"""CIFAR-style ResNet18 (docs/methods.md §ResNet18).
 
 Stem Conv3x3(stride 1, no bias) -> norm -> ReLU with no max-pool, four stages of two
 BasicBlocks (64/128/256/512 planes, first strides 1/2/2/2), then avg_pool2d(4) and a
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moedd.nets import make_norm, register_net
+from moedd.nets.base import make_norm, register_net
 
 
 class BasicBlock(nn.Module):

@@ -1,4 +1,4 @@
-"""VGG11 as used in dataset-distillation evaluation (algorithms.md §2.4).
+"""VGG11 as used in dataset-distillation evaluation (docs/methods.md §VGG11).
 
 Config [64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M], each number a Conv3x3(pad 1,
 bias) -> norm -> ReLU, M a 2x2 max-pool. A 32 px input ends at 1x1x512 and feeds a single
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from moedd.nets import make_norm, register_net
-from moedd.nets.base import TrunkClassifier
+from moedd.nets.base import TrunkClassifier, make_norm, register_net
 from moedd.nets.pool import MaxPool2x2
 
 _VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
