@@ -214,3 +214,122 @@ def log_input(path: str | Path, name: str, context: str, fallback_digest: str) -
     mlflow.log_input(ds, context=context, tags={"path": str(path), "digest_kind": "dvc-md5" if md5 else "moedd-sha256"})
     mlflow.set_tag(f"lineage.{context}.{name}", digest)
     return digest
+
+
+def log_metric_rows(run_id: str, rows: list[dict[str, float]], skip: tuple[str, ...] = ()) -> None:
+    """Log metric rows (``{"step": s, key: value, ...}``) to run ``run_id``, at most 1000 metrics per
+    request (MLflow's limit); keys starting with one of ``skip`` are left out."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, int(r["step"])) for r in rows for k, v in r.items()
+               if k != "step" and not k.startswith(skip)]
+    for i in range(0, len(metrics), 1000):
+        MlflowClient().log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
+class ExpertRuns:
+    """One MLflow child run per expert under a distill stage run (logged through the client API).
+
+    ``log(rows)`` sends the stage metrics to the stage run and each ``match_e{k}`` as ``loss`` to
+    child k; ``finish`` adds each expert's image grid and metadata and closes the children. Used
+    as a context manager, an exception (or Ctrl-C) marks the children FAILED (KILLED), so they
+    never stay RUNNING.
+    """
+
+    def __init__(self, stage_run_id: str, method: str, noe: int, ipc: int) -> None:
+        import mlflow
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.stage_run_id = MlflowClient(), stage_run_id
+        exp_id = mlflow.get_run(stage_run_id).info.experiment_id
+        self.ids = []
+        for k in range(noe):
+            run = self.client.create_run(exp_id, run_name=f"expert {k}",
+                                         tags={"mlflow.parentRunId": stage_run_id, "expert_index": str(k)})
+            self.client.log_batch(run.info.run_id, params=[
+                Param("expert", method), Param("expert_index", str(k)), Param("ipc", str(ipc)), Param("noe", str(noe))])
+            self.ids.append(run.info.run_id)
+
+    def __enter__(self) -> "ExpertRuns":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> None:
+        if err is not None:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            for cid in self.ids:
+                self.client.set_terminated(cid, status)
+
+    def log(self, rows: list[dict[str, float]]) -> None:
+        log_metric_rows(self.stage_run_id, rows, skip=("match_e",))
+        for k, cid in enumerate(self.ids):
+            log_metric_rows(cid, [{"step": r["step"], "loss": r[f"match_e{k}"]} for r in rows if f"match_e{k}" in r])
+
+    def finish(self, images: Any, metas: list[Any], zca: Any = None) -> None:
+        import json
+
+        from moedd.visualize import expert_grid
+
+        for k, cid in enumerate(self.ids):
+            self.client.log_image(cid, expert_grid(images[k], metas[k], zca=zca), artifact_file=f"grids/expert-{k}.png")
+            self.client.log_dict(cid, json.loads(metas[k].model_dump_json()), f"synthetic/expert-{k}.json")
+            self.client.set_terminated(cid)
+
+
+class TeacherLog:
+    """The MLflow side of ``moedd trajectories``: every teacher's training curve and test accuracy."""
+
+    def __init__(self, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(), run_id
+
+    def curve(self, shard: int, index: int, accs: list[float], losses: list[float], first: int) -> None:
+        """Epochs ``first, first+1, ...`` of teacher ``index`` of ``shard`` (accuracy in percent)."""
+        key = f"shard{shard}.teacher{index:03d}"
+        rows = [{"step": e, f"train_acc.{key}": 100 * a, f"train_loss.{key}": loss}
+                for e, (a, loss) in enumerate(zip(accs, losses, strict=True), start=first)]
+        log_metric_rows(self.run_id, rows)
+
+    def teacher(self, rec: Any) -> None:
+        """A finished teacher (``moedd.trajectories.TeacherRecord``); a kept one gets its curve too."""
+        if rec.skipped:
+            self.curve(rec.shard, rec.index, rec.train_acc, rec.train_loss, 1)
+        self.client.log_metric(self.run_id, f"test_acc.shard{rec.shard}.teacher{rec.index:03d}", 100 * rec.test_acc)
+
+    def summary(self, result: Any, out: dict[str, Any]) -> None:
+        """The run's summary metrics, digest tag and the trajectories' meta.json."""
+        import mlflow
+
+        mlflow.log_metrics({"test_acc_mean": out["test_acc_mean"], "test_acc_std": out["test_acc_std"],
+                            "trained": result.trained, "kept": result.skipped, "seconds": result.seconds,
+                            **{f"test_acc_mean.shard{k}": v for k, v in out["test_acc_per_shard"].items()}})
+        mlflow.set_tag("trajectories_digest", result.meta["digest"])
+        self.client.log_dict(self.run_id, result.meta, "trajectories/meta.json")
+
+
+def log_evaluation(results: dict[str, Any], method: str, noe: int, ipc: int, display: dict[str, str]) -> None:
+    """One child run per evaluated network (test accuracy per seed, mean, std, seconds) under the
+    active evaluate run, and ``acc_mean.<net>`` / ``acc_std.<net>`` on the evaluate run itself."""
+    import mlflow
+
+    for net, res in results.items():
+        with child_run(display.get(net, net), {"net": net, "expert": method, "noe": noe, "ipc": ipc}, {"stage": "evaluate"}):
+            for i, acc in enumerate(res.accs):
+                mlflow.log_metric("test_acc", 100 * acc, step=i)
+            mlflow.log_metrics({"test_acc_mean": 100 * res.mean, "test_acc_std": 100 * res.std, "seconds": res.seconds})
+        mlflow.log_metrics({f"acc_mean.{net}": 100 * res.mean, f"acc_std.{net}": 100 * res.std})
+
+
+def log_report(params: Params, markdown: str, metrics: dict[str, float]) -> None:
+    """The report table (an artifact) and every cell (metrics) on the pipeline's parent run: DVC skips
+    cached stages, the report sees them all."""
+    from mlflow.tracking import MlflowClient
+
+    parent = parent_run_id(params)
+    MlflowClient().log_text(parent, markdown, "report/table.md")
+    log_metric_rows(parent, [{"step": 0, **metrics}])

@@ -29,7 +29,8 @@ def repo(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     """A git+DVC repository with this project's pipeline and tiny params; `dvc repro` already run."""
     root = tmp_path_factory.mktemp("pipeline") / "repo"
     root.mkdir()
-    shutil.copytree(REPO / "moedd", root / "moedd", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("moedd", "cli"):  # the stages' deps (the installed code runs; these are what DVC hashes)
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"] = {"source": "imagefolder", "root": str(tiny_folder), "download": False}

@@ -1,0 +1,156 @@
+"""The distill stage: NoE experts of one method distill the training set, jointly, on their shards."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from moedd._atomic import atomic_file
+from moedd.config import ConfigError, check_budget, flatten
+from moedd.experts import EXPERTS
+from moedd.params import Params
+
+from ._common import CheckpointOpt, ParamsOpt, SetOpt, _checkpoints, _params, _user_errors, _write_json
+from .progress import bars, console
+
+
+@_user_errors
+def distill(
+    expert: Annotated[str, typer.Option(help=f"Expert method: {' | '.join(EXPERTS.names())}.")],
+    noe: Annotated[int, typer.Option(help="Number of experts; each distills budget/NoE images per class.")] = 2,
+    budget: Annotated[int | None, typer.Option(help="Images per class in total (default: distill.budget).")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Override experts.<expert>.iterations.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N] (default: distill.device).")] = None,
+    prepared: Annotated[Path, typer.Option(help="Prepared store.")] = Path("data/prepared"),
+    partition_path: Annotated[Path | None, typer.Option("--partition", help="Partition file (default data/partitions/noe<N>.pt; made on the fly if absent).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Synthetic set directory (default data/synthetic/<expert>-noe<N>).")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="Summary metrics JSON (for DVC).")] = None,
+    plots: Annotated[Path | None, typer.Option(help="Loss curve CSV (for DVC plots).")] = None,
+    checkpoint_dir: CheckpointOpt = None,
+    trajectories: Annotated[Path | None, typer.Option(help="Teacher trajectories of the shards (MTT; default data/trajectories/noe<N>).")] = None,
+    params_path: ParamsOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Distill the training set with NoE experts of one method, jointly, on their own shards."""
+    method = EXPERTS.get(expert)
+    params = _params(params_path, sets, **{
+        "distill.budget": budget, "distill.device": device,
+        f"experts.{expert}.iterations": iterations,
+    })
+    ipc = check_budget(params.distill.budget, noe)
+    if method.needs_trajectories and trajectories is None:
+        trajectories = Path(f"data/trajectories/noe{noe}")
+    _run_distill(params, expert, noe, ipc, prepared, partition_path, out, metrics, plots, _checkpoints(checkpoint_dir),
+                 trajectories)
+
+
+def _inputs(params: Params, expert: str, noe: int, prepared: Path, partition_path: Path | None,
+            trajectories_path: Path | None) -> tuple[Any, Path, Any, Any, Any, Any]:
+    """Load and validate the run's inputs (before any work or tracking): device, partition file,
+    prepared data, partition (made in memory when the file is absent), teachers and the plan."""
+    from moedd.data import load_partition, load_prepared, make_partition
+    from moedd.device import resolve_device
+    from moedd.distill import plan_run
+
+    device = resolve_device(params.distill.device)
+    prep = load_prepared(prepared)
+    part_file = partition_path or Path(f"data/partitions/noe{noe}.pt")
+    if part_file.exists():
+        part = load_partition(part_file)
+        if part.noe != noe:
+            raise ConfigError(f"{part_file} has {part.noe} shards but --noe is {noe}")
+    else:
+        part = make_partition(prep.train_labels, prep.num_classes, noe, params.partition.seed, prep.digest)
+    traj = None
+    if trajectories_path is not None:
+        from moedd.trajectories import load_trajectories
+
+        if not trajectories_path.exists():
+            raise ConfigError(f"{trajectories_path} not found: run `moedd trajectories --noe {noe}` first")
+        traj = load_trajectories(trajectories_path)
+    plan = plan_run(expert, params, prep, part, device, traj)
+    if not part_file.exists():  # said after validation: a bad input stays one line
+        console.log(f"{part_file} not found: partitioned in memory (seed {params.partition.seed})")
+    return device, part_file, prep, part, traj, plan
+
+
+def _run_distill(
+    params: Params, expert: str, noe: int, ipc: int, prepared: Path, partition_path: Path | None,
+    out: Path | None, metrics: Path | None, plots: Path | None, checkpoint_dir: Path,
+    trajectories_path: Path | None = None,
+) -> None:
+    import mlflow
+
+    from moedd.synthetic import save_synthetic
+    from moedd.tracking import ExpertRuns, stage_run
+
+    device, part_file, prep, part, traj, plan = _inputs(params, expert, noe, prepared, partition_path, trajectories_path)
+    target = out or Path(f"data/synthetic/{expert}-noe{noe}")
+    stage_params = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget, "device": str(device),
+                    **flatten(params.distill, "distill."), **flatten(plan.config, f"experts.{expert}."),
+                    "preset": plan.preset_label}
+    name = f"distill {expert} {ipc}x{noe}"
+    with stage_run(params, name, stage_params, {"stage": "distill", "expert": expert}) as run:
+        console.log(f"{name} on {prep.name} ({prep.num_classes} classes), device {device}, MLflow run {run.info.run_id[:8]}")
+        _log_inputs(prepared, prep, part_file, part, trajectories_path, traj, noe)
+        with ExpertRuns(run.info.run_id, expert, noe, ipc) as runs:
+            result = _optimise(params, plan, prep, part, device, checkpoint_dir, traj, runs)
+            written = save_synthetic(target, list(result.images), [result.labels] * noe, result.metas, result.zca)
+            runs.finish(result.images, result.metas, result.zca)
+        summary = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget,
+                   "iterations": plan.iterations, "seconds": round(result.seconds, 2),
+                   "resumed_from": result.resumed_from}
+        if result.history:
+            summary.update({k: v for k, v in result.history[-1].items() if k != "step"})
+        mlflow.log_metrics({"seconds": result.seconds, "iterations_done": float(len(result.history))})
+        mlflow.set_tag("synthetic_sha256", ",".join(m.sha256 for m in written))
+        _write_json(metrics, summary)
+        _write_plots(plots, result.history)
+    console.log(f"wrote {noe} expert set(s) of {ipc} images/class -> {target} ({result.seconds:.1f}s)")
+
+
+def _log_inputs(prepared: Path, prep: Any, part_file: Path, part: Any, trajectories_path: Path | None, traj: Any,
+                noe: int) -> None:
+    from moedd.tracking import log_input
+
+    log_input(prepared, "prepared", "data", prep.digest)
+    if part_file.exists():
+        log_input(part_file, f"partition-noe{noe}", "partition", part.digest)
+    if traj is not None and trajectories_path is not None:
+        log_input(trajectories_path, f"trajectories-noe{noe}", "trajectories", str(traj.meta.get("digest", "")))
+
+
+def _optimise(params: Params, plan: Any, prep: Any, part: Any, device: Any, checkpoint_dir: Path, traj: Any,
+              runs: Any) -> Any:
+    """The run itself, with one progress bar per expert and the metrics sent to MLflow as they come."""
+    from moedd.distill import run_distillation
+    from moedd.tracking import git_commit
+
+    expert, noe = plan.method, plan.noe
+    with bars() as b:
+        for k in range(noe):
+            b.add(f"{expert} expert {k}", plan.iterations)
+
+        def on_log(done: int, _total: int, rows: list[dict[str, float]]) -> None:
+            last = rows[-1] if rows else {}
+            for k in range(noe):
+                loss = last.get(f"match_e{k}", last.get("match"))
+                b.update(f"{expert} expert {k}", done, f"loss {loss:.4g}" if loss is not None else "")
+            runs.log(rows)
+
+        return run_distillation(expert, params, prep, part, device, checkpoint_dir, on_log, git_commit(), traj, plan)
+
+
+def _write_plots(path: Path | None, history: list[dict[str, float]]) -> None:
+    if path is None:
+        return
+    keys = ["step", "loss", "match", "dcor"]
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(keys)
+        for row in history:
+            w.writerow([int(row["step"]) if k == "step" else row.get(k, "") for k in keys])
+

@@ -1,0 +1,113 @@
+"""The evaluate stage: train every evaluation network on the fused synthetic set, test on real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from moedd.config import flatten
+from moedd.nets import DISPLAY_NAMES
+
+from ._common import CheckpointOpt, ParamsOpt, SetOpt, _checkpoints, _csv_list, _params, _user_errors, _write_json
+from .progress import bars, console
+
+
+@_user_errors
+def evaluate(
+    synthetic: Annotated[Path, typer.Option(help="Synthetic set directory written by `moedd distill`.")],
+    prepared: Annotated[Path, typer.Option(help="Prepared store (its test split is used).")] = Path("data/prepared"),
+    metrics: Annotated[Path | None, typer.Option(help="Metrics JSON (for DVC).")] = None,
+    nets: Annotated[str | None, typer.Option(help="Comma list of networks (default: evaluate.nets).")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma list of seeds (default: evaluate.seeds).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default: evaluate.epochs).")] = None,
+    fusion: Annotated[str | None, typer.Option(help="mixup | none (default: fusion.kind).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N].")] = None,
+    params_path: ParamsOpt = None,
+    sets: SetOpt = None,
+    checkpoint_dir: CheckpointOpt = None,
+) -> None:
+    """Train every evaluation network on the fused synthetic set; test on the real test set.
+
+    Finished (network, seed) units are kept and the unit in training is checkpointed every
+    evaluate.checkpoint_every epochs under --checkpoint-dir/evaluate (keyed by the set, protocol and
+    test data), so the same command after an interruption continues there."""
+    from moedd.data import load_prepared
+    from moedd.device import resolve_device
+    from moedd.evaluate import EvaluationCheckpoints, fusion_effective
+    from moedd.synthetic import check_matches, load_synthetic
+    from moedd.tracking import log_evaluation, log_input, stage_run
+
+    params = _params(params_path, sets, **{
+        "evaluate.nets": _csv_list(nets), "evaluate.seeds": _csv_list(seeds, int),
+        "evaluate.epochs": epochs, "fusion.kind": fusion, "evaluate.device": device,
+    })
+    syn, prep, dev = load_synthetic(synthetic), load_prepared(prepared), resolve_device(params.evaluate.device)
+    check_matches(syn, prep.classes, prep.image_shape, prep.digest)
+    m, cfg, fused = syn.meta, params.evaluate, fusion_effective(syn, params.fusion)
+    protocol = {**flatten(cfg, "evaluate."), **flatten(params.fusion, "fusion."), "fusion.effective": fused,
+                "lr_used": m.learned_lr if m.learned_lr is not None else cfg.lr, "decoding": m.decoding}
+    name = f"evaluate {m.method} {m.ipc}x{m.noe}"
+    with stage_run(params, name, {"expert": m.method, "noe": m.noe, "ipc": m.ipc, "budget": m.budget, **protocol},
+                   {"stage": "evaluate", "expert": m.method}) as run:
+        console.log(f"{name}: {len(cfg.nets)} nets x {len(cfg.seeds)} seeds x {cfg.epochs} epochs, fusion {fused}, "
+                    f"device {dev}, MLflow run {run.info.run_id[:8]}")
+        log_input(synthetic, f"synthetic-{m.method}-noe{m.noe}", "synthetic", ",".join(x.sha256[:16] for x in syn.metas))
+        log_input(prepared, "prepared", "data", prep.digest)
+        store = EvaluationCheckpoints.for_cell(_checkpoints(checkpoint_dir) / "evaluate", f"{m.method}-{m.ipc}x{m.noe}",
+                                               syn, prep.test_images, prep.test_labels, cfg, params.fusion)
+        for other in store.others():
+            console.log(f"ignoring {other}: evaluation checkpoints of another protocol, set or test data")
+        results = _train(syn, prep, params, dev, store)
+        log_evaluation(results, m.method, m.noe, m.ipc, DISPLAY_NAMES)
+        _write_json(metrics, out := _summary(syn, prep, cfg, fused, results))
+        store.clear()  # the cell is done and its metrics are kept
+    for net, r in out["nets"].items():
+        console.log(f"{DISPLAY_NAMES.get(net, net):>10}: {r['mean']:.2f} ± {r['std']:.2f} %")
+
+
+def _summary(syn: Any, prep: Any, cfg: Any, fused: str, results: dict[str, Any]) -> dict[str, Any]:
+    """The cell's metrics JSON (what `moedd report` reads)."""
+    from moedd.paper import dataset_key
+
+    m = syn.meta
+    return {"method": m.method, "noe": m.noe, "ipc": m.ipc, "budget": m.budget, "dataset": prep.name,
+            "classes": len(prep.classes), "paper_dataset": dataset_key(prep.name, prep.classes),
+            "fusion": fused, "epochs": cfg.epochs, "seeds": cfg.seeds,
+            "nets": {net: {"mean": round(100 * r.mean, 2), "std": round(100 * r.std, 2),
+                           "accs": [round(100 * a, 2) for a in r.accs]} for net, r in results.items()}}
+
+
+def _train(syn: Any, prep: Any, params: Any, dev: Any, store: Any) -> dict[str, Any]:
+    """Every (network, seed) unit, with one progress bar per network; resumes from ``store``."""
+    import mlflow
+
+    from moedd.evaluate import evaluate_synthetic
+
+    cfg = params.evaluate
+    per_net = len(cfg.seeds) * cfg.epochs
+    with bars() as b:
+        for net in cfg.nets:
+            b.add(DISPLAY_NAMES.get(net, net), per_net)
+        accs: dict[str, list[float]] = {n: [] for n in cfg.nets}
+        trained: set[tuple[str, int]] = set()
+
+        def on_epoch(net: str, seed: int, epoch: int) -> None:
+            trained.add((net, seed))
+            done = accs[net]
+            status = f"seed {seed}" + (f", acc {100 * sum(done) / len(done):.2f}%" if done else "")
+            b.update(DISPLAY_NAMES.get(net, net), cfg.seeds.index(seed) * cfg.epochs + epoch, status)
+
+        def on_result(net: str, seed: int, acc: float) -> None:
+            accs[net].append(acc)
+            if (net, seed) not in trained:  # restored as finished: move the bar past it
+                on_epoch(net, seed, cfg.epochs)
+
+        def on_resume(net: str, seed: int, epoch: int, done: int) -> None:
+            what = f"resumed {net} seed {seed} at epoch {epoch}/{cfg.epochs}; {done} units done"
+            console.log(f"{what} (checkpoints {store.dir})")
+            mlflow.set_tag("moedd.resumed", what)
+
+        return evaluate_synthetic(syn, prep.test_images, prep.test_labels, cfg, params.fusion, dev, on_result,
+                                  on_epoch, store, on_resume)

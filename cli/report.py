@@ -1,0 +1,43 @@
+"""The report stage: the cross-architecture table, printed, written and logged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moedd.config import ConfigError
+
+from ._common import ParamsOpt, SetOpt, _params, _user_errors
+from .progress import console
+
+
+@_user_errors
+def report(
+    metrics_dir: Annotated[Path, typer.Option(help="Directory of evaluate metrics JSON files.")] = Path("metrics/evaluate"),
+    out: Annotated[Path | None, typer.Option(help="Write the table as Markdown here too.")] = None,
+    params_path: ParamsOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Print the cross-architecture table (ours beside the paper's where the setting matches)."""
+    from rich.console import Console
+
+    from moedd.report import collect, protocol_line, render_markdown, render_table, run_metrics
+
+    params = _params(params_path, sets)
+    rows = collect(sorted(metrics_dir.glob("*.json")))
+    if not rows:
+        raise ConfigError(f"no evaluation metrics in {metrics_dir}; run `moedd evaluate` (or `dvc repro`) first")
+    Console(width=max(console.width, 160)).print(render_table(rows))
+    typer.echo(protocol_line(rows))
+    md = render_markdown(rows)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(md)
+    try:
+        from moedd.tracking import log_report
+
+        log_report(params, md, run_metrics(rows))
+    except Exception as err:  # the table is printed either way; MLflow is a bonus here
+        console.log(f"could not log the report to MLflow: {err}")

@@ -1,0 +1,92 @@
+"""The trajectories stage: MTT's teacher networks, trained on every shard (resumable per teacher)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moedd.config import ConfigError, check_budget, flatten
+from moedd.params import Params
+
+from ._common import CheckpointOpt, ParamsOpt, SetOpt, _checkpoints, _params, _user_errors, _write_json
+from .progress import bars, console
+
+
+@_user_errors
+def trajectories(
+    noe: Annotated[int, typer.Option(help="Number of experts (shards); teachers train on one shard each.")],
+    prepared: Annotated[Path, typer.Option(help="Prepared store.")] = Path("data/prepared"),
+    partition_path: Annotated[Path | None, typer.Option("--partition", help="Partition file (default data/partitions/noe<N>.pt).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Trajectories directory (default data/trajectories/noe<N>).")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="Summary metrics JSON (for DVC).")] = None,
+    teachers: Annotated[int | None, typer.Option(help="Teachers per shard (default: trajectories.num_teachers).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per teacher (default: trajectories.epochs, else MTT's max_start_epoch + expert_epochs).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N] (default: trajectories.device).")] = None,
+    checkpoint_dir: CheckpointOpt = None,
+    params_path: ParamsOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Train MTT teacher trajectories on every shard (resumable: finished teachers are kept, in the output
+    and, until the run is complete, under --checkpoint-dir/teachers, so that they outlive a queued experiment)."""
+    params = _params(params_path, sets, **{
+        "trajectories.num_teachers": teachers, "trajectories.epochs": epochs, "trajectories.device": device,
+    })
+    check_budget(params.distill.budget, noe)
+    _run_trajectories(params, noe, prepared, partition_path or Path(f"data/partitions/noe{noe}.pt"),
+                      out or Path(f"data/trajectories/noe{noe}"), metrics, _checkpoints(checkpoint_dir) / "teachers")
+
+
+
+def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path, target: Path, metrics: Path | None,
+                      teacher_cache: Path | None = None) -> None:
+    from moedd.data import load_partition, load_prepared
+    from moedd.device import resolve_device
+    from moedd.tracking import TeacherLog, log_input, stage_run
+    from moedd.trajectories import mtt_config, summarize, teacher_epochs, validate_trajectories
+
+    device = resolve_device(params.trajectories.device)
+    prep = load_prepared(prepared)
+    part = load_partition(part_file)
+    if part.noe != noe:
+        raise ConfigError(f"{part_file} has {part.noe} shards but --noe is {noe}")
+    ipc = validate_trajectories(params, prep, part)  # before any work or tracking
+    epochs, mtt, cfg = teacher_epochs(params, ipc), mtt_config(params, ipc), params.trajectories
+    stage_params = {**flatten(cfg, "trajectories."), "epochs": epochs, "zca": mtt.zca, "zca_eps": mtt.zca_eps,
+                    "noe": noe, "ipc": ipc, "net": params.distill.net, "device": str(device)}
+    name = f"trajectories {ipc}x{noe}"
+    with stage_run(params, name, stage_params, {"stage": "trajectories"}) as run:
+        space = "ZCA" if mtt.zca else "normalized"
+        console.log(f"{name}: {cfg.num_teachers} teachers x {epochs} epochs per shard, {space} inputs, "
+                    f"device {device}, MLflow run {run.info.run_id[:8]}")
+        log_input(prepared, "prepared", "data", prep.digest)
+        log_input(part_file, f"partition-noe{noe}", "partition", part.digest)
+        log = TeacherLog(run.info.run_id)
+        result = _train(params, prep, part, target, device, epochs, log, teacher_cache)
+        out = summarize(result)
+        log.summary(result, out)
+        _write_json(metrics, out)
+    console.log(f"{result.trained} teacher(s) trained, {result.skipped} kept; mean test acc {out['test_acc_mean']:.2f}% "
+                f"({result.seconds:.1f}s) -> {target}")
+
+
+def _train(params: Params, prep, part, target: Path, device, epochs: int, log, teacher_cache: Path | None):  # type: ignore[no-untyped-def]
+    """Train the teachers with progress bars (one per shard) and their curves logged as they come."""
+    from moedd.trajectories import TeacherRecord, train_teachers
+
+    cfg = params.trajectories
+    with bars() as b:
+        for k in range(part.noe):
+            b.add(f"shard {k}", cfg.num_teachers * epochs)
+
+        def on_epoch(k: int, i: int, epoch: int, acc: float, loss: float) -> None:
+            b.update(f"shard {k}", i * epochs + epoch, f"teacher {i}, train acc {100 * acc:.1f}%")
+            log.curve(k, i, [acc], [loss], epoch)
+
+        def on_teacher(rec: TeacherRecord) -> None:
+            log.teacher(rec)
+            state = "kept" if rec.skipped else "trained"
+            b.update(f"shard {rec.shard}", (rec.index + 1) * epochs, f"teacher {rec.index} {state}, test acc {100 * rec.test_acc:.1f}%")
+
+        return train_teachers(params, prep, part, target, device, on_epoch, on_teacher, teacher_cache)
