@@ -66,14 +66,14 @@ try:  # run from a checkout without installing: make `import moedd` find the rep
 except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moedd.config import load_params
+from moedd.params import load_params
 from moedd.data import Prepared, make_partition
 from moedd.device import resolve_device, tune_process
 from moedd.distill import build_method
 from moedd.data.zca import ZCA
 from moedd.evaluate import TrainingSet, normalize_test, test_accuracy, train_network
 from moedd.experts.mtt import peak_memory_gb
-from moedd.experts.idc_graph import STREAM_MATCH, STREAM_MIX, STREAM_NET, StaticInnerSteps
+from moedd.experts._idc_graph import STREAM_MATCH, STREAM_MIX, STREAM_NET, StaticInnerSteps
 from moedd.nets import create_net
 from moedd.trajectories import flat_params, init_teacher, train_teacher
 
