@@ -140,6 +140,14 @@ def fingerprint(plan: RunPlan, params: Params, prepared: Prepared, partition: Pa
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def start_images(method: ExpertMethod) -> Tensor:
+    """The method's initial synthetic images as the leaf its steps update, after its set-up
+    (``setup`` builds what depends on the images: optimisers, queues, graph captures)."""
+    syn = method.init_images().detach().clone().requires_grad_(True)
+    method.setup(syn)
+    return syn
+
+
 def optimise(
     method: ExpertMethod,
     checkpoint: Path | None = None,
@@ -153,8 +161,7 @@ def optimise(
     Returns:
         (final images (NoE, C·IPC, ...), metric history, iteration resumed from).
     """
-    syn = method.init_images().detach().clone().requires_grad_(True)
-    method.setup(syn)
+    syn = start_images(method)
     start, history = 0, []
     if checkpoint is not None and checkpoint.exists():
         ck = torch.load(checkpoint, map_location=syn.device, weights_only=True)

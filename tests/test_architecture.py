@@ -1,12 +1,14 @@
 """The architecture contract and the pipeline's dependencies, checked on the real code.
 
 * ``lint-imports`` (import-linter, configured in pyproject.toml) keeps its contracts: the CLI above
-  the library, the experts above their building blocks, no expert importing another, and the
-  library never importing the CLI.
+  the library, the experts above their building blocks, no expert importing another, the
+  benchmark script above its table of sections above one module per reference repository, and
+  the library never importing the CLI or the benchmarks.
 * import-linter really sees the CLI: the folder ``cli/`` is installed as ``moedd.cli`` but read by
   the linter as the root package ``cli``, so every module of it must be in the graph, and no
   module may import ``moedd.cli`` by its absolute name (such an import is invisible to the graph).
-* No moedd module imports one that imports it back (type-checking imports included).
+* No module (library, CLI, benchmarks) imports one that imports it back (type-checking imports
+  included).
 * Each DVC stage lists as deps every file its command's result depends on: every module that the
   command's CLI module imports, directly or not, is under one of the stage's deps, or on
   :data:`NOT_RESULTS` (modules that change only speed or bookkeeping, so that editing them does
@@ -47,7 +49,7 @@ when the command itself runs that expert (its own import of it is kept)."""
 def _build_graph() -> grimp.ImportGraph:
     sys.path.insert(0, str(REPO))  # the top-level cli/ folder, read as the package `cli` (as import-linter does)
     try:
-        return grimp.build_graph("moedd", "cli", cache_dir=None)
+        return grimp.build_graph("moedd", "cli", "benchmarks", cache_dir=None)
     finally:
         sys.path.remove(str(REPO))
 
@@ -61,14 +63,15 @@ def test_import_linter_contracts_are_kept() -> None:
     exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
     out = subprocess.run([exe, "--no-cache"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert "0 broken" in out.stdout and "3 kept" in out.stdout
+    assert "0 broken" in out.stdout and "4 kept" in out.stdout
 
 
-def test_the_linter_sees_every_cli_module_and_no_absolute_cli_import(graph: grimp.ImportGraph) -> None:
+def test_the_linter_sees_every_cli_and_benchmark_module_and_no_absolute_cli_import(graph: grimp.ImportGraph) -> None:
     import moedd.cli.main
 
     assert Path(moedd.cli.main.__file__).resolve() == REPO / "cli" / "main.py"  # the installed moedd.cli is cli/
-    files = {f"cli.{p.stem}" if p.stem != "__init__" else "cli" for p in (REPO / "cli").glob("*.py")}
+    files = {f"{d}.{p.stem}" if p.stem != "__init__" else d for d in ("cli", "benchmarks")
+             for p in (REPO / d).glob("*.py")}
     assert files <= graph.modules
     hidden = []
     for path in [*(REPO / "moedd").rglob("*.py"), *(REPO / "cli").glob("*.py")]:
@@ -131,8 +134,8 @@ def test_not_results_modules_exist() -> None:
 
 
 def _code_files() -> list[Path]:
-    """The library and the CLI (benchmarks/bench.py is not split yet: issue 14, item 4)."""
-    return [*(REPO / "moedd").rglob("*.py"), *(REPO / "cli").glob("*.py")]
+    """The library, the CLI and the benchmarks (tests not counted)."""
+    return [*(REPO / "moedd").rglob("*.py"), *(REPO / "cli").glob("*.py"), *(REPO / "benchmarks").glob("*.py")]
 
 
 def test_no_file_holds_more_than_a_tenth_of_the_code() -> None:

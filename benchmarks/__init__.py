@@ -1,0 +1,1 @@
+"""Speed benchmarks of moedd against the reference code of each method (run ``benchmarks/bench.py``)."""
