@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moedd.nets import DISPLAY_NAMES, NetProtocol, create_net, list_nets
+from moedd.nets.norm import instance_norm
 from moedd.registry import UnknownNameError
 
 ALL = list_nets()
@@ -269,3 +271,19 @@ def test_conv_computes_only_the_derivatives_asked_for(monkeypatch: pytest.Monkey
     torch.autograd.grad(gw.pow(2).sum(), x)
     # d/dx through ∂L/∂W, and through the forward conv's output (∂L/∂W depends on it); no weight term
     assert masks == [(True, False, False)] * 2
+
+
+def test_instance_norm_under_autocast_runs_in_float32() -> None:
+    """Autocast hands the norm a bf16 map with float32 parameters; CUDA's fused kernel refuses the
+    mix (seen on the H200: the bf16 DM bench row stopped there), so the map is brought to float32
+    first and the output is float32, as autocast's ``group_norm`` gives on CUDA: the same numbers
+    as the float32 norm of the bf16 map, bit for bit, and a gradient that reaches the bf16 map."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 6, 6, generator=g).to(torch.bfloat16).requires_grad_(True)
+    w, b = torch.randn(8, generator=g, requires_grad=True), torch.randn(8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = instance_norm(x, w, b)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, F.group_norm(x.detach().float(), 8, w.detach(), b))
+    y.square().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16 and w.grad is not None

@@ -156,7 +156,14 @@ class _InstanceNormBackwardFn(torch.autograd.Function):
 
 
 def instance_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
-    """``F.group_norm(x, C, weight, bias, eps)`` with the analytic double backward above."""
+    """``F.group_norm(x, C, weight, bias, eps)`` with the analytic double backward above.
+
+    Under autocast the map arrives in bf16/fp16 while the affine parameters stay float32; the
+    fused kernels take one dtype (CUDA refuses the mix), and autocast runs ``group_norm`` in
+    float32, so the map is brought up to the parameters' dtype and the output is float32, as
+    ``F.group_norm`` gives under autocast."""
+    if x.dtype != weight.dtype and x.is_floating_point():
+        x = x.to(weight.dtype)
     return _InstanceNormFn.apply(x, weight, bias, eps)
 
 
