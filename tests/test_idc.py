@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from moedd.data import make_partition
 from moedd.distill import build_method, run_distillation
 from moedd.synthetic import decode_grouped, decode_quadrants
 from moedd.experts import EXPERTS
+from moedd.experts.base import RunSpec
 from moedd.experts.idc import (IDC, IDCAugment, conv_weights, cutmix, cutmix_box, cutmix_static, gradient_distance,
                                 grouped_gradient_distance)
 from moedd.config import ConfigError
@@ -385,8 +387,15 @@ def test_static_inner_step_has_nothing_a_cuda_graph_cannot_capture(tiny_prepared
 
 
 def test_cuda_graph_needs_uniform_cutmix_and_is_eager_on_a_cpu(tiny_prepared) -> None:
+    """The graph (the default) applies on CUDA only: there it needs mix_beta 1, on a CPU any
+    mix_beta runs (eagerly) and the cuda_graph metric says 0."""
+    cfg = IDC.config_cls(mix_beta=0.5)
+    assert cfg.cuda_graph
+    spec = RunSpec(noe=2, ipc=1, num_classes=3, image_shape=(3, 32, 32), net="convnet3", device=torch.device("cuda"))
     with pytest.raises(ConfigError, match="mix_beta 1"):
-        _method(tiny_prepared, **{"experts.idc.cuda_graph": True, "experts.idc.mix_beta": 0.5})
+        IDC.check_inputs(cfg, spec)
+    IDC.check_inputs(cfg, dataclasses.replace(spec, device=torch.device("cpu")))
+    _method(tiny_prepared, **{"experts.idc.mix_beta": 0.5})
     m, _ = _method(tiny_prepared, **{"experts.idc.cuda_graph": True})
     syn = m.init_images().requires_grad_(True)
     m.setup(syn)
@@ -400,8 +409,16 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @CUDA
 def test_cuda_graph_replays_the_eager_inner_steps(tiny_prepared) -> None:
-    """On CUDA: two outer iterations of replayed inner steps end where the eager static body ends
-    (images and metrics; cuDNN sums in its own orders, so up to 1e-3 relative)."""
+    """On CUDA: two outer iterations of replayed inner steps end where the eager static body ends.
+
+    Bound, derived: eager CUDA is not bitwise reproducible itself (cuDNN's backward reduces with
+    atomics), and a rounding difference grows wherever it moves a ReLU input across 0 (docs/
+    design.md). On the H200 (docs/results/gpu-h200-2026-12-04/call2/idc-graph-diag.txt) two eager
+    runs parted by 0.4-0.8 % of the images' movement and 2.6e-3 of the loss; eager against the
+    replay by at most 1.9 % and 1.9e-3. A wrong replay (a stale input, a lost update, another
+    random draw) changes the step itself, i.e. a difference of the order of the movement. So the
+    images must agree to 10 % of how far they moved, the losses to 10 % of how far they moved over
+    the two iterations, and the network's training accuracy (a count over the real batch) to 0.1."""
     over = {"experts.idc.cuda_graph": True, "experts.idc.inner_loop": 3, "distill.dcor_weight": 0.5}
     out = {}
     for capture in (False, True):
@@ -410,15 +427,23 @@ def test_cuda_graph_replays_the_eager_inner_steps(tiny_prepared) -> None:
         m = build_method("idc", params, tiny_prepared, part, torch.device("cuda"))
         syn = m.init_images().requires_grad_(True)
         m.setup(syn)
+        x0 = syn.detach().clone()
         static = StaticInnerSteps(m, syn, capture=capture)
         rows = [m._static_step(static, syn, it) for it in range(2)]
         assert (static.graph is not None) == capture
-        out[capture] = (syn.detach().clone(), rows)
-    (x_e, rows_e), (x_g, rows_g) = out[False], out[True]
-    assert float((x_g - x_e).norm() / x_e.norm()) < 1e-3
+        out[capture] = (x0, syn.detach().clone(), [{k: float(r[k]) for k in ("loss", "match", "net_acc")} for r in rows])
+    (x0, x_e, rows_e), (x0_g, x_g, rows_g) = out[False], out[True]
+    assert torch.equal(x0, x0_g)
+    moved = float((x_e - x0).norm())
+    assert moved > 0
+    assert float((x_g - x_e).norm()) <= 0.1 * moved
+    for k in ("loss", "match"):
+        span = abs(rows_e[1][k] - rows_e[0][k])
+        assert span > 0, k
+        for re_, rg in zip(rows_e, rows_g, strict=True):
+            assert abs(rg[k] - re_[k]) <= 0.1 * span, k
     for re_, rg in zip(rows_e, rows_g, strict=True):
-        for k in ("loss", "match", "net_acc"):
-            assert abs(float(rg[k]) - float(re_[k])) <= 1e-3 * max(1.0, abs(float(re_[k]))), k
+        assert abs(rg["net_acc"] - re_["net_acc"]) <= 0.1
 
 
 @CUDA

@@ -89,7 +89,7 @@ kernels (the per-class loop is launch-bound on a GPU). ``class_chunk`` bounds th
 expert (equal group sizes), and the siamese augmentation draws one parameter set per class for the
 pass (the same distribution as one draw per class-step).
 
-CUDA graph (``cuda_graph: true``, CUDA only): one inner step is captured and replayed
+CUDA graph (``cuda_graph: true``, the default; CUDA only): one inner step is captured and replayed
 ``inner_loop`` times per outer iteration (``moedd.experts._idc_graph``); CutMix's coin, λ and box
 are then drawn on the device (λ ~ U(0, 1): ``mix_beta`` 1), the rest as above.
 """
@@ -156,12 +156,13 @@ class IDCConfig(NetTraining):
     """Classes whose gradients are matched in one grouped pass (None = all). The pass holds
     NoE x class_chunk x (batch_real + decoded images) activations, so the default keeps CIFAR-100's
     100 classes at CIFAR-10's memory (10 passes); raise it on a large GPU, lower it if short."""
-    cuda_graph: bool = False
+    cuda_graph: bool = True
     """On a CUDA device, capture one inner step (matching phase and network update) as a CUDA
     graph and replay it ``inner_loop`` times per outer iteration (``moedd.experts._idc_graph``):
-    one launch instead of thousands. CutMix's coin, λ and box are then drawn on the device (needs
-    ``mix_beta`` 1, i.e. λ ~ U(0, 1)). No effect on a CPU. Off by default until measured on a GPU
-    (benchmarks/README.md)."""
+    one launch instead of thousands (H200: 5.2x the reference per inner step, eager 1.8x;
+    docs/results.md). CutMix's coin, λ and box are then drawn on the device (needs ``mix_beta``
+    1, i.e. λ ~ U(0, 1)), another random stream than eager, so a CUDA run and a CPU run of the
+    same seed differ in their draws. No effect on a CPU. ``false`` gives the eager path on CUDA."""
 
 
 # ---------------------------------------------------------------- building blocks
@@ -328,9 +329,9 @@ class IDC(ExpertMethod):
 
     @classmethod
     def check_inputs(cls, cfg: IDCConfig, spec: RunSpec) -> None:  # type: ignore[override]
-        if cfg.cuda_graph and cfg.mix_beta != 1.0:
-            raise ConfigError(f"experts.idc.cuda_graph draws CutMix's λ on the device as U(0, 1), i.e. mix_beta 1; "
-                              f"got mix_beta {cfg.mix_beta} (set cuda_graph false)")
+        if cfg.cuda_graph and cfg.mix_beta != 1.0 and spec.device.type == "cuda":
+            raise ConfigError(f"experts.idc.cuda_graph (the CUDA default) draws CutMix's λ on the device as U(0, 1), "
+                              f"i.e. mix_beta 1; got mix_beta {cfg.mix_beta} (set experts.idc.cuda_graph=false)")
 
     @property
     def lr_img(self) -> float:
