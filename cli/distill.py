@@ -41,6 +41,8 @@ def distill(
         f"experts.{expert}.iterations": iterations,
     })
     ipc = check_budget(params.distill.budget, noe)
+    if plots is not None and not method.optimises:
+        raise ConfigError(f"--plots: {expert} selects real images and has no loss curve to plot")
     if method.needs_trajectories and trajectories is None:
         trajectories = Path(f"data/trajectories/noe{noe}")
     _run_distill(params, expert, noe, ipc, prepared, partition_path, out, metrics, plots, _checkpoints(checkpoint_dir),
@@ -85,15 +87,16 @@ def _run_distill(
     import mlflow
 
     from moedd.synthetic import save_synthetic
-    from moedd.tracking import ExpertRuns, stage_run
+    from moedd.tracking import ExpertRuns, cell_tags, stage_run
 
     device, part_file, prep, part, traj, plan = _inputs(params, expert, noe, prepared, partition_path, trajectories_path)
     target = out or Path(f"data/synthetic/{expert}-noe{noe}")
     stage_params = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget, "device": str(device),
                     **flatten(params.distill, "distill."), **flatten(plan.config, f"experts.{expert}."),
                     "preset": plan.preset_label}
-    name = f"distill {expert} {ipc}x{noe}"
-    with stage_run(params, name, stage_params, {"stage": "distill", "expert": expert}) as run:
+    cell = cell_tags(expert, params.distill.budget, ipc, noe, prep.name, prep.classes)
+    name = f"distill {expert} {cell['dataset']} b{params.distill.budget} {cell['config']}"
+    with stage_run(params, name, stage_params, {"stage": "distill", "expert": expert, **cell}) as run:
         console.log(f"{name} on {prep.name} ({prep.num_classes} classes), device {device}, MLflow run {run.info.run_id[:8]}")
         _log_inputs(prepared, prep, part_file, part, trajectories_path, traj, noe)
         with ExpertRuns(run.info.run_id, expert, noe, ipc) as runs:

@@ -37,7 +37,7 @@ def evaluate(
     from moedd.device import resolve_device
     from moedd.evaluate import EvaluationCheckpoints, fusion_effective
     from moedd.synthetic import check_matches, load_synthetic
-    from moedd.tracking import log_evaluation, log_input, stage_run
+    from moedd.tracking import EvaluationRuns, cell_tags, stage_run
 
     params = _params(params_path, sets, **{
         "evaluate.nets": _csv_list(nets), "evaluate.seeds": _csv_list(seeds, int),
@@ -46,30 +46,52 @@ def evaluate(
     syn, prep, dev = load_synthetic(synthetic), load_prepared(prepared), resolve_device(params.evaluate.device)
     check_matches(syn, prep.classes, prep.image_shape, prep.digest)
     m, cfg, fused = syn.meta, params.evaluate, fusion_effective(syn, params.fusion)
-    protocol = {**flatten(cfg, "evaluate."), **flatten(params.fusion, "fusion."), "fusion.effective": fused,
-                "lr_used": m.learned_lr if m.learned_lr is not None else cfg.lr, "decoding": m.decoding}
-    name = f"evaluate {m.method} {m.ipc}x{m.noe}"
+    protocol = _protocol(m, params, fused)
+    cell = cell_tags(m.method, m.budget, m.ipc, m.noe, prep.name, prep.classes)
+    name = f"evaluate {m.method} {cell['dataset']} b{m.budget} {cell['config']}"
     with stage_run(params, name, {"expert": m.method, "noe": m.noe, "ipc": m.ipc, "budget": m.budget, **protocol},
-                   {"stage": "evaluate", "expert": m.method}) as run:
+                   {"stage": "evaluate", "expert": m.method, **cell}) as run:
         console.log(f"{name}: {len(cfg.nets)} nets x {len(cfg.seeds)} seeds x {cfg.epochs} epochs, fusion {fused}, "
                     f"device {dev}, MLflow run {run.info.run_id[:8]}")
-        log_input(synthetic, f"synthetic-{m.method}-noe{m.noe}", "synthetic", ",".join(x.sha256[:16] for x in syn.metas))
-        log_input(prepared, "prepared", "data", prep.digest)
+        _log_inputs(synthetic, prepared, syn, prep)
         store = EvaluationCheckpoints.for_cell(_checkpoints(checkpoint_dir) / "evaluate", f"{m.method}-{m.ipc}x{m.noe}",
                                                syn, prep.test_images, prep.test_labels, cfg, params.fusion)
         for other in store.others():
             console.log(f"ignoring {other}: evaluation checkpoints of another protocol, set or test data")
-        results = _train(syn, prep, params, dev, store)
-        log_evaluation(results, m.method, m.noe, m.ipc, DISPLAY_NAMES)
+        with EvaluationRuns(run.info.run_id, cell, {"expert": m.method, "noe": m.noe, "ipc": m.ipc},
+                            DISPLAY_NAMES) as runs:
+            results = _train(syn, prep, params, dev, store, runs)
+            runs.finish(results)
         _write_json(metrics, out := _summary(syn, prep, cfg, fused, results))
         store.clear()  # the cell is done and its metrics are kept
+    _say(out)
+
+
+def _log_inputs(synthetic: Path, prepared: Path, syn: Any, prep: Any) -> None:
+    """The set and the prepared data as the stage run's inputs (lineage)."""
+    from moedd.tracking import log_input
+
+    m = syn.meta
+    log_input(synthetic, f"synthetic-{m.method}-noe{m.noe}", "synthetic", ",".join(x.sha256[:16] for x in syn.metas))
+    log_input(prepared, "prepared", "data", prep.digest)
+
+
+def _say(out: dict[str, Any]) -> None:
+    """One console line per network: mean ± std."""
     for net, r in out["nets"].items():
         console.log(f"{DISPLAY_NAMES.get(net, net):>10}: {r['mean']:.2f} ± {r['std']:.2f} %")
 
 
+def _protocol(m: Any, params: Any, fused: str) -> dict[str, Any]:
+    """The evaluation protocol as the stage run's params: settings, fusion, lr used, decoding."""
+    cfg = params.evaluate
+    return {**flatten(cfg, "evaluate."), **flatten(params.fusion, "fusion."), "fusion.effective": fused,
+            "lr_used": m.learned_lr if m.learned_lr is not None else cfg.lr, "decoding": m.decoding}
+
+
 def _summary(syn: Any, prep: Any, cfg: Any, fused: str, results: dict[str, Any]) -> dict[str, Any]:
     """The cell's metrics JSON (what `moedd report` reads)."""
-    from moedd.paper import dataset_key
+    from moedd.data.identity import dataset_key
 
     m = syn.meta
     return {"method": m.method, "noe": m.noe, "ipc": m.ipc, "budget": m.budget, "dataset": prep.name,
@@ -79,8 +101,9 @@ def _summary(syn: Any, prep: Any, cfg: Any, fused: str, results: dict[str, Any])
                            "accs": [round(100 * a, 2) for a in r.accs]} for net, r in results.items()}}
 
 
-def _train(syn: Any, prep: Any, params: Any, dev: Any, store: Any) -> dict[str, Any]:
-    """Every (network, seed) unit, with one progress bar per network; resumes from ``store``."""
+def _train(syn: Any, prep: Any, params: Any, dev: Any, store: Any, runs: Any) -> dict[str, Any]:
+    """Every (network, seed) unit, with one progress bar per network; resumes from ``store``; each
+    unit's curve and accuracy go to ``runs`` (a ``moedd.tracking.EvaluationRuns``) as it finishes."""
     import mlflow
 
     from moedd.evaluate import evaluate_synthetic
@@ -101,6 +124,7 @@ def _train(syn: Any, prep: Any, params: Any, dev: Any, store: Any) -> dict[str, 
 
         def on_result(net: str, seed: int, acc: float) -> None:
             accs[net].append(acc)
+            runs.unit(net, seed, acc)
             if (net, seed) not in trained:  # restored as finished: move the bar past it
                 on_epoch(net, seed, cfg.epochs)
 
@@ -110,4 +134,4 @@ def _train(syn: Any, prep: Any, params: Any, dev: Any, store: Any) -> dict[str, 
             mlflow.set_tag("moedd.resumed", what)
 
         return evaluate_synthetic(syn, prep.test_images, prep.test_labels, cfg, params.fusion, dev, on_result,
-                                  on_epoch, store, on_resume)
+                                  on_epoch, store, on_resume, runs.curve)

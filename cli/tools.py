@@ -32,12 +32,13 @@ def ui(
     import os
     import sys
 
-    from moedd.tracking import init_tracking, tracking_uri
+    from moedd.tracking import init_tracking, tracking_uri, ui_url
 
     params = _params(params_path, sets)
-    init_tracking(params.mlflow)  # the store and its experiment exist, marked as model training
+    exp_id = init_tracking(params.mlflow)  # the store and its experiment exist, marked as model training
     uri = tracking_uri(params.mlflow)
-    console.print(f"MLflow UI on {uri}: http://{host}:{port}  (Ctrl-C stops it)", soft_wrap=True)
+    console.print(f"MLflow UI on {uri}, experiment '{params.mlflow.experiment}': the pipeline runs with "
+                  f"every cell's accuracy (Ctrl-C stops it):\n{ui_url(host, port, exp_id)}", soft_wrap=True)
     sys.stdout.flush()
     # the server replaces this process, so Ctrl-C and kill reach it directly
     os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,

@@ -77,7 +77,11 @@ class PartitionConfig(Section):
 class GridConfig(Section):
     """The experiments ``dvc repro`` runs: every expert method x every number of experts."""
 
-    experts: list[str] = ["random", "dm"]
+    experts: list[str] = ["dm"]
+    """Methods that optimise images (stages distill/evaluate; a loss curve each, for ``dvc plots``)."""
+    baselines: list[str] = ["random"]
+    """Methods that select real images (stages distill_baseline/evaluate_baseline): no optimisation,
+    so no loss curve and no plot."""
     noe: list[int] = [1, 2]
     mtt_noe: list[int] = []
     """NoE values MTT runs with (MTT has its own stages, after the teacher trajectories; [] = no MTT)."""
@@ -96,7 +100,7 @@ class GridConfig(Section):
             raise ValueError("grid.mtt_noe must list numbers of experts >= 1 (or be empty)")
         return v
 
-    @field_validator("experts")
+    @field_validator("experts", "baselines")
     @classmethod
     def _no_mtt(cls, v: list[str]) -> list[str]:
         if "mtt" in v:

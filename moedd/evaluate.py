@@ -107,12 +107,15 @@ def test_accuracy(net: torch.nn.Module, images: Tensor, labels: Tensor, batch_si
 
 StateFn = Callable[[dict[str, Any]], None]
 """Receives a unit's training state (see :func:`train_network`) to keep it."""
+StatsFn = Callable[[int, float, float], None]
+"""Receives (epoch done, training accuracy, mean training loss) from :func:`train_network`."""
 
 
 def train_network(
     net_name: str, data: TrainingSet, cfg: EvaluateConfig, fusion: FusionConfig, seed: int,
     num_classes: int, on_epoch: Callable[[int], None] | None = None,
     resume: dict[str, Any] | None = None, checkpoint: StateFn | None = None,
+    on_stats: StatsFn | None = None,
 ) -> torch.nn.Module:
     """Train a fresh ``net_name`` on the (fused) synthetic set with the fixed protocol.
 
@@ -124,6 +127,9 @@ def train_network(
             (not after the last): network and optimiser state (momentum, the learning rate of the
             schedule), the batch-order/augmentation/mixup-partner generator ``gen``, DSA's host
             generator, the numpy generator of mixup's weights, and the epoch.
+        on_stats: called (epoch done, training accuracy, mean training loss) after each epoch:
+            the accuracy of the batches as trained (fused and augmented) against their labels.
+            Only computed when given (one device sync per epoch); the training is unchanged.
     """
     device = data.images.device
     ch, h = data.images.shape[1], data.images.shape[2]
@@ -157,6 +163,7 @@ def train_network(
             for group in opt.param_groups:
                 group["lr"] = data.lr * 0.1
         order = torch.randperm(n, generator=gen, device=device)
+        correct = loss_sum = torch.zeros((), device=device)
         for i in range(0, n, cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             x = data.images[idx]
@@ -164,11 +171,17 @@ def train_network(
                 x = mixer(x, idx, gen, rng)
             if dsa is not None:
                 x = dsa.per_sample(x, gen, host)
-            loss = F.cross_entropy(net(x.contiguous(memory_format=fmt)), data.labels[idx])
+            logits = net(x.contiguous(memory_format=fmt))
+            loss = F.cross_entropy(logits, data.labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if on_stats is not None:
+                correct = correct + (logits.detach().argmax(1) == data.labels[idx]).sum()
+                loss_sum = loss_sum + loss.detach() * len(idx)
         done = epoch + 1
+        if on_stats is not None:
+            on_stats(done, float(correct) / n, float(loss_sum) / n)
         if checkpoint is not None and done % cfg.checkpoint_every == 0 and done < cfg.epochs:
             checkpoint({
                 "epoch": done, "device_type": device.type, "net": net.state_dict(), "opt": opt.state_dict(),
@@ -197,6 +210,8 @@ class NetResult:
 
 
 ResultFn = Callable[[str, int, float], None]
+CurveFn = Callable[[str, int, int, float, float], None]
+"""Called as (net, seed, epoch, training accuracy, training loss) after each epoch trained."""
 EpochFn = Callable[[str, int, int], None]
 ResumeFn = Callable[[str, int, int, int], None]
 """Called as (net, seed, epoch, units done) when a call continues earlier work (see evaluate_synthetic)."""
@@ -336,6 +351,7 @@ def evaluate_synthetic(
     syn: SyntheticSet, test_images: Tensor, test_labels: Tensor, cfg: EvaluateConfig, fusion: FusionConfig,
     device: torch.device, on_result: ResultFn | None = None, on_epoch: EpochFn | None = None,
     checkpoints: EvaluationCheckpoints | None = None, on_resume: ResumeFn | None = None,
+    on_curve: CurveFn | None = None,
 ) -> dict[str, NetResult]:
     """Evaluate a synthetic set on every network of ``cfg.nets`` over ``cfg.seeds``.
 
@@ -355,6 +371,8 @@ def evaluate_synthetic(
             call continues earlier work: it resumes at ``epoch`` from its checkpoint (0: from
             scratch), after ``units done`` units restored as finished so far. Called for every
             unit resumed from a checkpoint, and for the first unit trained after restored ones.
+        on_curve: called (net, seed, epoch, training accuracy, loss) after each epoch trained in
+            this call (the curve of a resumed unit starts where it resumed).
 
     Returns:
         Per network name, the accuracies (fractions) in seed order; ``seconds`` sums the units'
@@ -372,7 +390,7 @@ def evaluate_synthetic(
             record = checkpoints.finished(name, seed) if checkpoints else None
             if record is None:
                 record = _train_unit(name, seed, data, test_x, test_y, num_classes, cfg, fusion, on_epoch,
-                                     checkpoints, on_resume, restored, announced)
+                                     checkpoints, on_resume, restored, announced, on_curve)
                 announced = True
             else:
                 restored += 1
@@ -387,6 +405,7 @@ def _train_unit(
     name: str, seed: int, data: TrainingSet, test_x: Tensor, test_y: Tensor, num_classes: int,
     cfg: EvaluateConfig, fusion: FusionConfig, on_epoch: EpochFn | None,
     checkpoints: EvaluationCheckpoints | None, on_resume: ResumeFn | None, restored: int, announced: bool,
+    on_curve: CurveFn | None = None,
 ) -> UnitRecord:
     """Train and test one (network, seed) unit, resuming and checkpointing it when asked."""
     t0 = time.perf_counter()
@@ -399,7 +418,8 @@ def _train_unit(
         def save(st: dict[str, Any], _c: EvaluationCheckpoints = checkpoints) -> None:
             _c.save_state(name, seed, {**st, "seconds": before + time.perf_counter() - t0})
     cb = (lambda e: on_epoch(name, seed, e)) if on_epoch else None
-    net = train_network(name, data, cfg, fusion, seed, num_classes, cb, resume=state, checkpoint=save)
+    stats = (lambda e, a, loss: on_curve(name, seed, e, a, loss)) if on_curve else None
+    net = train_network(name, data, cfg, fusion, seed, num_classes, cb, resume=state, checkpoint=save, on_stats=stats)
     acc = test_accuracy(net, test_x, test_y, cfg.test_batch_size)
     record = UnitRecord(name, seed, acc, before + time.perf_counter() - t0)
     if checkpoints is not None:

@@ -7,8 +7,6 @@ CIFAR-100, budget 10, 10x1: "20.53 or 29.53") and is left out.
 
 from __future__ import annotations
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
 _COLUMNS = [("c10", 10, "5x2"), ("c10", 10, "10x1"), ("c10", 20, "10x2"), ("c10", 20, "20x1"),
             ("c100", 10, "5x2"), ("c100", 10, "10x1"), ("c100", 20, "10x2"), ("c100", 20, "20x1")]
 
@@ -34,15 +32,6 @@ PAPER: dict[tuple[str, str, str, int, str], float] = {
     if value is not None
 }
 """(method, net, dataset key, budget, "IPCxNoE") -> accuracy in %."""
-
-
-def dataset_key(name: str, classes: list[str]) -> str | None:
-    """'c10' / 'c100' when the data is CIFAR-10 / CIFAR-100 (by class names), else None."""
-    if list(classes) == CIFAR10_CLASSES:
-        return "c10"
-    if len(classes) == 100 and "100" in name:
-        return "c100"
-    return None
 
 
 def paper_value(method: str, net: str, dataset: str | None, budget: int, ipc: int, noe: int) -> float | None:

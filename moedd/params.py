@@ -55,6 +55,13 @@ ExpertsConfig: type[_ExpertsBase] = create_model(  # type: ignore[call-overload]
 """Built from the registry when this module is imported: every method of ``moedd.experts``."""
 
 
+_GRID_PLACE = {
+    True: "grid.{field} lists {name}, which selects real images (no loss curve): list it under grid.baselines",
+    False: "grid.{field} lists {name}, which optimises images (it has a loss curve): list it under grid.experts",
+}
+"""Keyed by what the field expects (optimising methods): why a method is in the wrong list."""
+
+
 class Params(Section):
     """All of params.yaml."""
 
@@ -72,8 +79,10 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _grid_consistent(self) -> "Params":
-        for name in self.grid.experts:
-            EXPERTS.get(name)
+        for field, optimising in (("experts", True), ("baselines", False)):
+            for name in getattr(self.grid, field):
+                if EXPERTS.get(name).optimises != optimising:
+                    raise ValueError(_GRID_PLACE[optimising].format(name=name, field=field))
         for noe in [*self.grid.noe, *self.grid.mtt_noe]:
             check_budget(self.distill.budget, noe)
         missing = [n for n in self.grid.mtt_noe if n not in self.grid.noe]

@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.table import Table
 
 from moedd.nets import DISPLAY_NAMES
+from moedd.data.identity import dataset_label
 from moedd.paper import paper_value
 
 _METHOD_ORDER = ["random", "dm", "idm", "idc", "mtt"]
@@ -35,10 +36,18 @@ class Cell:
     fusion: str
     epochs: int
     dataset: str | None
+    """The paper's key of the data (``c10``, ``c100``), None for other data."""
+    name: str = "custom"
+    """The prepared dataset's own name."""
 
     @property
     def config(self) -> str:
         return f"{self.ipc}x{self.noe}"
+
+    @property
+    def label(self) -> str:
+        """The data's name in metric keys (:func:`moedd.paper.dataset_label`)."""
+        return dataset_label(self.name, self.dataset)
 
     @property
     def paper(self) -> float | None:
@@ -53,7 +62,7 @@ def collect(paths: list[Path]) -> list[Cell]:
         for net, r in d.get("nets", {}).items():
             cells.append(Cell(d["method"], net, int(d["budget"]), int(d["ipc"]), int(d["noe"]), float(r["mean"]),
                               float(r["std"]), len(r.get("accs", [])), d.get("fusion", "?"), int(d.get("epochs", 0)),
-                              d.get("paper_dataset")))
+                              d.get("paper_dataset"), d.get("dataset") or "custom"))
     return cells
 
 
@@ -121,14 +130,15 @@ def run_metrics(cells: list[Cell]) -> dict[str, float]:
     (mean, percent), ``acc_std/...`` (std over seeds) and, for every mixture (NoE > 1) with a
     single-expert cell of the same dataset, budget, method and network,
     ``gain/<dataset>/b<budget>/<IPC>x<NoE>/<method>/<net>`` = mixture mean − single mean.
-    ``<dataset>`` is the paper's name (``cifar10``, ``cifar100``) or ``custom``."""
+    ``<dataset>`` is the cell's :attr:`Cell.label` (``cifar10``, ``cifar100``, else the prepared
+    dataset's name)."""
     out: dict[str, float] = {}
-    single = {(c.dataset, c.budget, c.method, c.net): c for c in cells if c.noe == 1}
+    single = {(c.label, c.budget, c.method, c.net): c for c in cells if c.noe == 1}
     for c in cells:
-        where = f"{c.dataset or 'custom'}/b{c.budget}/{c.config}/{c.method}/{c.net}"
+        where = f"{c.label}/b{c.budget}/{c.config}/{c.method}/{c.net}"
         out[f"acc/{where}"] = c.mean
         out[f"acc_std/{where}"] = c.std
-        base = single.get((c.dataset, c.budget, c.method, c.net))
+        base = single.get((c.label, c.budget, c.method, c.net))
         if c.noe > 1 and base is not None:
             out[f"gain/{where}"] = round(c.mean - base.mean, 4)
     return out

@@ -159,6 +159,16 @@ def parent_run_id(params: Params) -> str:
         return run.info.run_id
 
 
+def cell_tags(method: str, budget: int, ipc: int, noe: int, data_name: str, classes: list[str]) -> dict[str, str]:
+    """Tags that place a distill or evaluate run in the table, to filter on in the UI: ``dataset``
+    (``cifar10``-style, :func:`moedd.data.identity.dataset_label`), ``budget``, ``config``
+    (IPCxNoE) and ``method``."""
+    from moedd.data.identity import dataset_key, dataset_label
+
+    return {"dataset": dataset_label(data_name, dataset_key(data_name, classes)), "budget": str(budget),
+            "config": f"{ipc}x{noe}", "method": method}
+
+
 @contextlib.contextmanager
 def stage_run(params: Params, run_name: str, stage_params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[Any]:
     """A run for one stage invocation, nested under the pipeline's parent run."""
@@ -312,24 +322,121 @@ class TeacherLog:
         self.client.log_dict(self.run_id, result.meta, "trajectories/meta.json")
 
 
-def log_evaluation(results: dict[str, Any], method: str, noe: int, ipc: int, display: dict[str, str]) -> None:
-    """One child run per evaluated network (test accuracy per seed, mean, std, seconds) under the
-    active evaluate run, and ``acc_mean.<net>`` / ``acc_std.<net>`` on the evaluate run itself."""
-    import mlflow
+class EvaluationRuns:
+    """The MLflow side of an evaluate stage run, logged as the units finish (client API).
 
-    for net, res in results.items():
-        with child_run(display.get(net, net), {"net": net, "expert": method, "noe": noe, "ipc": ipc}, {"stage": "evaluate"}):
-            for i, acc in enumerate(res.accs):
-                mlflow.log_metric("test_acc", 100 * acc, step=i)
-            mlflow.log_metrics({"test_acc_mean": 100 * res.mean, "test_acc_std": 100 * res.std, "seconds": res.seconds})
-        mlflow.log_metrics({f"acc_mean.{net}": 100 * res.mean, f"acc_std.{net}": 100 * res.std})
+    One child run per network (named by its display name, tagged with the cell and ``net``) and,
+    under it, one run per seed (``<net> seed <s>``): its training curve (``train_acc`` in percent
+    and ``train_loss``, one step per epoch) and ``test_acc``. A unit restored from an earlier,
+    interrupted call has no curve here (it was trained then). ``finish`` puts the per-seed
+    accuracies, mean, std and seconds on each network's run and ``acc_mean.<net>`` /
+    ``acc_std.<net>`` on the stage run. As a context manager, an exception marks every open run
+    FAILED (Ctrl-C: KILLED).
+    """
+
+    def __init__(self, stage_run_id: str, cell: dict[str, str], params: dict[str, Any], display: dict[str, str]) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.stage_run_id = MlflowClient(), stage_run_id
+        self.exp_id = mlflow.get_run(stage_run_id).info.experiment_id
+        self.cell, self.params, self.display = cell, params, display
+        self.net_runs: dict[str, str] = {}
+        self.curves: dict[tuple[str, int], list[dict[str, float]]] = {}
+
+    def __enter__(self) -> "EvaluationRuns":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> None:
+        if err is not None:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            for rid in self.net_runs.values():
+                self.client.set_terminated(rid, status)
+
+    def _create(self, name: str, parent: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self.exp_id, run_name=name, tags={"mlflow.parentRunId": parent, **tags})
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def _net_run(self, net: str) -> str:
+        if net not in self.net_runs:
+            tags = {"stage": "evaluate", **self.cell, "net": net}
+            self.net_runs[net] = self._create(self.display.get(net, net), self.stage_run_id, tags, {"net": net, **self.params})
+        return self.net_runs[net]
+
+    def curve(self, net: str, seed: int, epoch: int, acc: float, loss: float) -> None:
+        """One epoch of unit (net, seed); sent with the unit when it finishes."""
+        self.curves.setdefault((net, seed), []).append({"step": epoch, "train_acc": 100 * acc, "train_loss": loss})
+
+    def unit(self, net: str, seed: int, acc: float) -> None:
+        """Unit (net, seed) finished with test accuracy ``acc`` (a fraction): its seed run."""
+        tags = {"stage": "evaluate", **self.cell, "net": net, "seed": str(seed)}
+        rid = self._create(f"{self.display.get(net, net)} seed {seed}", self._net_run(net), tags, {"net": net, "seed": seed})
+        log_metric_rows(rid, [*self.curves.pop((net, seed), []), {"step": 0, "test_acc": 100 * acc}])
+        self.client.set_terminated(rid)
+
+    def finish(self, results: dict[str, Any]) -> None:
+        """Each network's summary (``moedd.evaluate.NetResult``) on its run, which then ends."""
+        for net, res in results.items():
+            rid = self._net_run(net)
+            rows = [{"step": i, "test_acc": 100 * a} for i, a in enumerate(res.accs)]
+            rows.append({"step": 0, "test_acc_mean": 100 * res.mean, "test_acc_std": 100 * res.std, "seconds": res.seconds})
+            log_metric_rows(rid, rows)
+            self.client.set_terminated(rid)
+        log_metric_rows(self.stage_run_id, [{"step": 0, **{f"acc_mean.{net}": 100 * r.mean for net, r in results.items()},
+                                             **{f"acc_std.{net}": 100 * r.std for net, r in results.items()}}])
+
+
+CELLS_VIEW = "moedd-cells"
+"""Key of the saved runs-table view the report keeps: pipeline runs, one column per cell accuracy."""
+_VIEW_TAG = "mlflow.sharedViewState."
+_VIEW_LIMIT = 20000
+"""MLflow's limit on an experiment tag's value (``MAX_EXPERIMENT_TAG_VAL_LENGTH`` in 3.17)."""
+
+
+def _view_state(columns: list[str]) -> dict[str, Any]:
+    """A runs-table view as MLflow 3.17's UI stores a shared one: pipeline runs, newest first."""
+    return {"searchFilter": f"tags.`{ROLE_TAG}` = 'pipeline'", "orderByKey": "attributes.start_time",
+            "orderByAsc": False, "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
+            "modelVersionFilter": "All Runs", "selectedColumns": columns, "runsExpanded": {}, "runsPinned": [],
+            "runsHidden": [], "viewMaximized": False, "runListHidden": False}
+
+
+def update_cells_view(exp_id: str, metric_keys: list[str]) -> list[str]:
+    """Add the ``acc/...`` keys among ``metric_keys`` as columns of the saved view (under the lock,
+    as parallel reports may add theirs); returns its columns. Keys that would push the view past
+    MLflow's tag limit are left out (the runs still hold them)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    client, tag = MlflowClient(), _VIEW_TAG + CELLS_VIEW
+    current = client.get_experiment(exp_id).tags.get(tag)
+    columns = list(json.loads(current).get("selectedColumns", [])) if current else []
+    for key in sorted(k for k in metric_keys if k.startswith("acc/")):
+        col = f"metrics.`{key}`"
+        if col not in columns and len(json.dumps(_view_state([*columns, col]))) <= _VIEW_LIMIT:
+            columns.append(col)
+    client.set_experiment_tag(exp_id, tag, json.dumps(_view_state(columns)))
+    return columns
+
+
+def ui_url(host: str, port: int, exp_id: str) -> str:
+    """The URL that opens the saved view of experiment ``exp_id`` in the UI's model-training layout."""
+    return (f"http://{host}:{port}/#/experiments/{exp_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={CELLS_VIEW}")
 
 
 def log_report(params: Params, markdown: str, metrics: dict[str, float]) -> None:
-    """The report table (an artifact) and every cell (metrics) on the pipeline's parent run: DVC skips
-    cached stages, the report sees them all."""
+    """The report table (an artifact) and every cell (metrics) on the pipeline's parent run (DVC skips
+    cached stages; the report sees them all), and the cells' columns in the saved view."""
     from mlflow.tracking import MlflowClient
 
     parent = parent_run_id(params)
     MlflowClient().log_text(parent, markdown, "report/table.md")
     log_metric_rows(parent, [{"step": 0, **metrics}])
+    exp_id = MlflowClient().get_run(parent).info.experiment_id
+    with _locked(tracking_uri(params.mlflow)):
+        update_cells_view(exp_id, list(metrics))

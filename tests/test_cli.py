@@ -57,10 +57,10 @@ def test_stage_commands_end_to_end(tiny_folder: Path, tmp_path: Path, mlflow_uri
     mlflow.set_tracking_uri(mlflow_uri)
     runs = mlflow.search_runs(experiment_names=["moedd"], output_format="list")
     names = {r.info.run_name for r in runs}
-    assert {"distill dm 2x2", "evaluate dm 2x2", "expert 0", "expert 1", "ConvNet-3", "AlexNet"} <= names
+    assert {"distill dm folder b4 2x2", "evaluate dm folder b4 2x2", "expert 0", "expert 1", "ConvNet-3", "AlexNet"} <= names
     parents = {r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags}
     assert len(parents) == 1  # one pipeline run holds everything
-    distill_run = next(r for r in runs if r.info.run_name == "distill dm 2x2")
+    distill_run = next(r for r in runs if r.info.run_name == "distill dm folder b4 2x2")
     assert distill_run.data.tags["mlflow.parentRunId"] in parents
     assert "git_commit" in distill_run.data.tags and distill_run.data.params["ipc"] == "2"
     history = mlflow.MlflowClient().get_metric_history(distill_run.info.run_id, "loss")
@@ -69,9 +69,22 @@ def test_stage_commands_end_to_end(tiny_folder: Path, tmp_path: Path, mlflow_uri
     assert expert0.data.tags["mlflow.parentRunId"] == distill_run.info.run_id
     arts = [a.path for a in mlflow.MlflowClient().list_artifacts(expert0.info.run_id, "grids")]
     assert arts == ["grids/expert-0.png"]
-    evaluate_run = next(r for r in runs if r.info.run_name == "evaluate dm 2x2")
+    evaluate_run = next(r for r in runs if r.info.run_name == "evaluate dm folder b4 2x2")
     assert "acc_mean.convnet3" in evaluate_run.data.metrics
     assert evaluate_run.inputs.dataset_inputs  # lineage: synthetic set + prepared data
+    cell = {"dataset": "folder", "budget": "4", "config": "2x2", "method": "dm"}
+    assert cell.items() <= evaluate_run.data.tags.items() and cell.items() <= distill_run.data.tags.items()
+    alexnet = next(r for r in runs if r.info.run_name == "AlexNet")
+    assert alexnet.data.tags["mlflow.parentRunId"] == evaluate_run.info.run_id
+    assert {**cell, "net": "alexnet"}.items() <= alexnet.data.tags.items()
+    seeds = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == alexnet.info.run_id}
+    assert set(seeds) == {"AlexNet seed 0", "AlexNet seed 1"}
+    seed1 = seeds["AlexNet seed 1"]
+    curve = mlflow.MlflowClient().get_metric_history(seed1.info.run_id, "train_acc")
+    assert [m.step for m in sorted(curve, key=lambda m: m.step)] == [1, 2]  # one point per epoch
+    assert all(0 <= m.value <= 100 for m in curve)
+    assert abs(seed1.data.metrics["test_acc"] - ev["nets"]["alexnet"]["accs"][1]) <= 0.005  # the JSON's, to its 2 places
+    assert seed1.data.tags["seed"] == "1" and {"train_loss", "test_acc"} <= set(seed1.data.metrics)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +97,7 @@ def test_stage_commands_end_to_end(tiny_folder: Path, tmp_path: Path, mlflow_uri
         (["evaluate", "--synthetic", "nowhere"], "no synthetic set"),
         (["evaluate", "--synthetic", "x", "--nets", "convnet3,lenet9"], "unknown network 'lenet9'"),
         (["partition", "--noe", "2", "--prepared", "missing"], "run `moedd prepare` first"),
+        (["distill", "--expert", "random", "--noe", "2", "--plots", "p.csv"], "random selects real images"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_1(
@@ -151,7 +165,7 @@ def test_interrupted_distill_closes_its_mlflow_runs(tiny_folder: Path, tmp_path:
 
     mlflow.set_tracking_uri(mlflow_uri)
     runs = mlflow.search_runs(experiment_names=["moedd"], output_format="list")
-    stage = next(r for r in runs if r.info.run_name == "distill dm 2x2")
+    stage = next(r for r in runs if r.info.run_name == "distill dm folder b4 2x2")
     experts = [r for r in runs if r.info.run_name.startswith("expert ")]
     assert len(experts) == 2
     assert stage.info.status in {"KILLED", "FAILED"}

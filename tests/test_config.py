@@ -29,6 +29,9 @@ def test_missing_file_means_defaults() -> None:
     [
         ({"distill.budget": 10, "grid.noe": [3]}, "not divisible by NoE=3"),
         ({"grid.experts": ["nope"]}, "unknown expert 'nope'"),
+        ({"grid.experts": ["dm", "random"]}, "random, which selects real images (no loss curve): list it under grid.baselines"),
+        ({"grid.baselines": ["herding", "idc"]}, "idc, which optimises images (it has a loss curve): list it under grid.experts"),
+        ({"grid.baselines": ["mtt"]}, "MTT has its own stages"),
         ({"evaluate.nets": ["resnet9000"]}, "unknown network 'resnet9000'"),
         ({"data.source": "mnist"}, "unknown dataset source 'mnist'"),
         ({"experts.dm.iterations": -1}, "experts.dm.iterations"),

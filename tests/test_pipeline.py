@@ -34,7 +34,7 @@ def repo(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"] = {"source": "imagefolder", "root": str(tiny_folder), "download": False}
-    params["grid"] = {"experts": ["dm"], "noe": [2, 1], "mtt_noe": [2]}
+    params["grid"] = {"experts": ["dm"], "baselines": ["random"], "noe": [2, 1], "mtt_noe": [2]}
     params["distill"].update({"budget": 4, "log_every": 1, "checkpoint_every": 2})
     params["experts"]["dm"].update({"iterations": 2, "batch_real": 8})
     # MTT at toy size; ZCA off here (its 3072x3072 fit is tested on small images in test_mtt.py)
@@ -69,8 +69,11 @@ def test_repro_produces_every_stage_output(repo) -> None:
         assert (root / "metrics/evaluate" / f"{name}.json").exists()
         assert (root / "plots/distill" / f"{name}.csv").exists()
     assert (root / "data/synthetic/dm-noe2/expert-1.pt").exists()
+    for name in ("random-noe2", "random-noe1"):  # a baseline: a set and its evaluation, no loss curve to plot
+        assert (root / "metrics/evaluate" / f"{name}.json").exists()
+        assert not (root / "plots/distill" / f"{name}.csv").exists()
     table = (root / "reports/table.md").read_text()
-    assert "| DM | ConvNet-3 |" in table and "b4 2x2" in table and "b4 4x1" in table
+    assert "| DM | ConvNet-3 |" in table and "| RANDOM | ConvNet-3 |" in table and "b4 2x2" in table and "b4 4x1" in table
     # MTT: teachers of both shards (2 epochs = max_start_epoch + expert_epochs), its set, its evaluation
     assert (root / "data/trajectories/noe2/meta.json").exists()
     assert (root / "data/trajectories/noe2/shard1/teacher000.pt").exists()
@@ -94,21 +97,21 @@ def test_mlflow_holds_the_runs_with_dvc_lineage(repo) -> None:
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1, [r.info.run_name for r in parents]
     cells = parents[0].data.metrics  # logged by the report stage: every cell of the pipeline run
-    assert {"acc/custom/b4/2x2/dm/convnet3", "acc/custom/b4/4x1/dm/convnet3", "acc/custom/b4/2x2/mtt/convnet3",
-            "gain/custom/b4/2x2/dm/convnet3"} <= set(cells), sorted(cells)
-    assert cells["gain/custom/b4/2x2/dm/convnet3"] == round(
-        cells["acc/custom/b4/2x2/dm/convnet3"] - cells["acc/custom/b4/4x1/dm/convnet3"], 4)
+    assert {"acc/folder/b4/2x2/dm/convnet3", "acc/folder/b4/4x1/dm/convnet3", "acc/folder/b4/2x2/mtt/convnet3",
+            "gain/folder/b4/2x2/dm/convnet3"} <= set(cells), sorted(cells)
+    assert cells["gain/folder/b4/2x2/dm/convnet3"] == round(
+        cells["acc/folder/b4/2x2/dm/convnet3"] - cells["acc/folder/b4/4x1/dm/convnet3"], 4)
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     stages = [r for r in runs if "stage" in r.data.tags and "mlflow.parentRunId" in r.data.tags
               and r.info.run_name.split()[0] in ("trajectories", "distill", "evaluate")]
     assert len(stages) >= 6 and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in stages), \
         [(r.info.run_name, r.data.tags["mlflow.parentRunId"][:8]) for r in stages]  # every stage under the ONE parent
-    distill = by_name["distill dm 2x2"]
+    distill = by_name["distill dm folder b4 2x2"]
     assert distill.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert distill.data.tags["dvc.stage"] == "distill@dm-2"
     part_md5 = next(o["md5"] for o in lock["partition@2"]["outs"])
     assert distill.data.tags["lineage.partition.partition-noe2"] == part_md5
-    evaluate = by_name["evaluate dm 2x2"]
+    evaluate = by_name["evaluate dm folder b4 2x2"]
     syn_md5 = next(o["md5"] for o in lock["distill@dm-2"]["outs"])
     assert evaluate.data.tags["lineage.synthetic.synthetic-dm-noe2"] == syn_md5
     digests = {d.dataset.digest for d in evaluate.inputs.dataset_inputs}
@@ -124,7 +127,9 @@ def test_push_to_the_local_remote(repo) -> None:
     assert not _run(["dvc", "status", "-c", "-q"], root, env).strip()  # rc 0 and silent: in sync
 
 
-def test_queued_experiments_lose_no_mlflow_runs(repo) -> None:
+@pytest.fixture(scope="module")
+def queued(repo) -> tuple[Path, dict[str, str]]:
+    """The repo after two queued experiments (qa, qb: other evaluation seeds) ran on two workers."""
     root, env = repo
     _run(["git", "add", "-A"], root, env)
     _run(["git", "commit", "-qm", "lock", "--allow-empty"], root, env)
@@ -142,8 +147,103 @@ def test_queued_experiments_lose_no_mlflow_runs(repo) -> None:
             break
         time.sleep(3)
     assert "Failed" not in status, _run(["dvc", "queue", "logs", "qa"], root, env)
+    return root, env
+
+
+def test_queued_experiments_lose_no_mlflow_runs(queued) -> None:
+    root, env = queued
     runs = _runs(root)
     for name in ("qa", "qb"):
         exp_runs = [r for r in runs if r.data.tags.get("dvc.exp_name") == name]
         names = {r.info.run_name for r in exp_runs}
-        assert {"evaluate dm 2x2", "evaluate dm 4x1"} <= names, (name, names)
+        assert {"evaluate dm folder b4 2x2", "evaluate dm folder b4 4x1"} <= names, (name, names)
+
+
+def _serve_ui(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """`moedd ui` (a real `mlflow server`) on a free loopback port, answering /health."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    moedd = Path(sys.executable).with_name("moedd")
+    proc = subprocess.Popen([str(moedd), "ui", "--port", str(port)], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, "moedd ui exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, port
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the UI did not answer within 120 s"
+        time.sleep(0.5)
+
+
+@pytest.mark.browser
+def test_the_ui_compares_the_pipeline_runs_in_a_real_browser(queued) -> None:
+    """Debian's chromium-headless-shell loads the URL `moedd ui` prints: the runs table lists the
+    three pipeline runs (the workspace's and the two queued experiments') and no stage run, with a
+    column per cell accuracy holding each run's value; the compare view of the three plots them.
+    With $MOEDD_SCREENSHOTS set, both pages are saved there (docs/img holds the README's)."""
+    import json
+    import signal
+
+    chromium = shutil.which("chromium-headless-shell")
+    if chromium is None:
+        pytest.skip("chromium-headless-shell is not installed (as root: apt-get install chromium-headless-shell)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+    from moedd.tracking import ui_url
+
+    root, env = queued
+    pipelines = [r for r in _runs(root) if r.data.tags.get("moedd.role") == "pipeline"]
+    assert {r.info.run_name for r in pipelines} >= {"qa", "qb"} and len(pipelines) == 3
+    key = "acc/folder/b4/2x2/dm/convnet3"
+    shots = os.environ.get("MOEDD_SCREENSHOTS")
+    proc, port = _serve_ui(root, env)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1800, "height": 900})  # wide: the grid renders every column
+            page.goto(ui_url("127.0.0.1", port, pipelines[0].info.experiment_id))
+            page.wait_for_selector("text=qb", timeout=60_000)
+            page.wait_for_timeout(1000)
+            headers = set(page.locator("[role=columnheader]").all_inner_texts())
+            rows = [set(r.split("\n")) for r in page.locator("[role=row]").all_inner_texts() if "Pin run" in r]
+            assert len(rows) == len(pipelines), rows  # pipeline runs only, no stage run
+            for run in pipelines:
+                assert sum(run.info.run_name in cells for cells in rows) == 1, (run.info.run_name, rows)
+            cells = sorted(k for k in pipelines[0].data.metrics if k.startswith("acc/"))
+            assert key in cells and set(cells) <= headers, (cells, headers)
+            values = page.locator("[role=row]").all_inner_texts()
+            for run in pipelines:  # each run's accuracy is in the table (the grid shows 2 significant places or more)
+                shown = f"{run.data.metrics[key]:.4g}".rstrip("0").rstrip(".")
+                assert any(shown[:2] in v for v in values), (shown, values)
+            _close_assistant(page)
+            if shots:
+                page.screenshot(path=str(Path(shots) / "mlflow-runs.png"))
+            ids = json.dumps([r.info.run_id for r in pipelines])
+            exp = json.dumps([pipelines[0].info.experiment_id])
+            page.set_viewport_size({"width": 1800, "height": 1300})
+            page.goto(f"http://127.0.0.1:{port}/#/compare-runs?runs={ids}&experiments={exp}&workflowType=machine_learning")
+            page.wait_for_selector(f"text={key}", timeout=60_000)
+            page.wait_for_selector(".js-plotly-plot", timeout=60_000)  # the parallel-coordinates plot
+            assert page.locator("text=Comparing 3 Runs").count() == 1
+            _close_assistant(page)
+            if shots:
+                page.screenshot(path=str(Path(shots) / "mlflow-compare.png"), full_page=True)
+            browser.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def _close_assistant(page) -> None:
+    """Close MLflow's assistant side panel when it is open (it takes a third of the screen)."""
+    close = page.locator("button[aria-label='Close']")
+    if close.count():
+        close.first.click()
+        page.wait_for_timeout(500)

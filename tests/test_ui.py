@@ -47,5 +47,7 @@ def test_ui_serves_the_project_store(tmp_path: Path, mlflow_uri: str) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         out = proc.communicate(timeout=60)[0]
+    from moedd.tracking import ui_url
+
     said = next(line for line in out.splitlines() if "MLflow UI on" in line)
-    assert f"http://127.0.0.1:{port}" in said and mlflow_uri in said
+    assert mlflow_uri in said and ui_url("127.0.0.1", port, exp["experiment_id"]) in out

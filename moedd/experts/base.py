@@ -184,6 +184,9 @@ class ExpertMethod(ABC):
     (3 classes of 24 32x32 images, budget 4): what the test suite uses."""
     needs_trajectories: ClassVar[bool] = False
     """Whether the method distills against teacher trajectories (``moedd trajectories``, MTT)."""
+    optimises: ClassVar[bool] = True
+    """False for methods that select real images (no iterations, so no loss curve): they run in the
+    ``grid.baselines`` stages, which declare no plot."""
     space: ClassVar[str] = "normalized"
     decoding: ClassVar[str] = "none"
 

@@ -69,6 +69,7 @@ class Herding(ExpertMethod):
 
     name = "herding"
     config_cls = HerdingConfig
+    optimises = False
     smoke = {"train_epochs": 1, "batch_size": 32}
     cfg: HerdingConfig
 

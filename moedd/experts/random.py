@@ -27,6 +27,7 @@ class RandomReal(ExpertMethod):
 
     name = "random"
     config_cls = RandomConfig
+    optimises = False
 
     def init_images(self) -> Tensor:
         gen = self.ctx.generator(it=-1)
