@@ -94,7 +94,7 @@ def _run_distill(
     stage_params = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget, "device": str(device),
                     **flatten(params.distill, "distill."), **flatten(plan.config, f"experts.{expert}."),
                     "preset": plan.preset_label}
-    cell = cell_tags(expert, params.distill.budget, ipc, noe, prep.name, prep.classes)
+    cell = cell_tags(expert, params.distill.budget, ipc, noe, prep.name, prep.paper)
     name = f"distill {expert} {cell['dataset']} b{params.distill.budget} {cell['config']}"
     with stage_run(params, name, stage_params, {"stage": "distill", "expert": expert, **cell}) as run:
         console.log(f"{name} on {prep.name} ({prep.num_classes} classes), device {device}, MLflow run {run.info.run_id[:8]}")

@@ -47,7 +47,7 @@ def evaluate(
     check_matches(syn, prep.classes, prep.image_shape, prep.digest)
     m, cfg, fused = syn.meta, params.evaluate, fusion_effective(syn, params.fusion)
     protocol = _protocol(m, params, fused)
-    cell = cell_tags(m.method, m.budget, m.ipc, m.noe, prep.name, prep.classes)
+    cell = cell_tags(m.method, m.budget, m.ipc, m.noe, prep.name, prep.paper)
     name = f"evaluate {m.method} {cell['dataset']} b{m.budget} {cell['config']}"
     with stage_run(params, name, {"expert": m.method, "noe": m.noe, "ipc": m.ipc, "budget": m.budget, **protocol},
                    {"stage": "evaluate", "expert": m.method, **cell}) as run:
@@ -91,11 +91,11 @@ def _protocol(m: Any, params: Any, fused: str) -> dict[str, Any]:
 
 def _summary(syn: Any, prep: Any, cfg: Any, fused: str, results: dict[str, Any]) -> dict[str, Any]:
     """The cell's metrics JSON (what `moedd report` reads)."""
-    from moedd.data.identity import dataset_key
+    from moedd.data.identity import PAPER_KEYS
 
     m = syn.meta
     return {"method": m.method, "noe": m.noe, "ipc": m.ipc, "budget": m.budget, "dataset": prep.name,
-            "classes": len(prep.classes), "paper_dataset": dataset_key(prep.name, prep.classes),
+            "classes": len(prep.classes), "paper_dataset": PAPER_KEYS.get(prep.paper or ""),
             "fusion": fused, "epochs": cfg.epochs, "seeds": cfg.seeds,
             "nets": {net: {"mean": round(100 * r.mean, 2), "std": round(100 * r.std, 2),
                            "accs": [round(100 * a, 2) for a in r.accs]} for net, r in results.items()}}

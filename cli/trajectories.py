@@ -52,7 +52,7 @@ def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path,
     if part.noe != noe:
         raise ConfigError(f"{part_file} has {part.noe} shards but --noe is {noe}")
     ipc = validate_trajectories(params, prep, part)  # before any work or tracking
-    epochs, mtt, cfg = teacher_epochs(params, ipc), mtt_config(params, ipc), params.trajectories
+    epochs, mtt, cfg = teacher_epochs(params, ipc, prep.paper), mtt_config(params, ipc, prep.paper), params.trajectories
     stage_params = {**flatten(cfg, "trajectories."), "epochs": epochs, "zca": mtt.zca, "zca_eps": mtt.zca_eps,
                     "noe": noe, "ipc": ipc, "net": params.distill.net, "device": str(device)}
     name = f"trajectories {ipc}x{noe}"

@@ -88,7 +88,7 @@ def plan_run(name: str, params: Params, prepared: Prepared, partition: Partition
     if partition.data_digest and partition.data_digest != prepared.digest:
         raise ConfigError("the partition was made from other data (digest differs); rerun `moedd partition`")
     check_ipc_fits(partition, prepared.train_labels, prepared.num_classes, ipc)
-    cfg, preset = method_config(params, name, ipc)  # a bad preset choice fails here
+    cfg, preset = method_config(params, name, ipc, prepared.paper)  # a bad preset choice fails here
     if trajectories is not None:
         meta = trajectories.meta
         if meta.get("partition_digest") and meta["partition_digest"] != partition.digest:

@@ -13,9 +13,10 @@ weight and queue schedule, IDC's real samples per network update, MTT's unroll l
 epochs, learning rates and ZCA). ``params.yaml`` holds those rows as data under
 ``presets.<method>.<dataset>.<ipc>``, with comments that give the source of each row and mark
 rows the papers do not give (``[INFERRED]``: the nearest published row). A method section chooses
-its table with ``preset``: ``auto`` (the dataset of ``data.source``; a source without rows, e.g.
-``imagefolder``, gets the config class's defaults, which are the CIFAR-10 IPC 10 settings), a
-dataset name (e.g. ``cifar10`` for a CIFAR-10 image folder), or ``none``. The row used is the one
+its table with ``preset``: ``auto`` (the rows of the dataset the prepared store says it holds,
+``moedd.data.identity``: CIFAR-10 or CIFAR-100 whether downloaded or read from an image folder;
+other data gets the config class's defaults, which are the CIFAR-10 IPC 10 settings), a
+dataset name (e.g. ``cifar10`` to use CIFAR-10's rows on other data), or ``none``. The row used is the one
 for the run's IPC *per expert* (the nearest IPC when the table has no row for it; ties go to the
 larger IPC). Precedence, lowest first: the class defaults, the preset row, the keys written in the
 method's own section of params.yaml or given with ``-S``. So ``-S experts.idm.ce_weight=0.1``
@@ -170,29 +171,31 @@ def check_presets(params: Params) -> None:
                     raise ValueError(f"presets.{method}.{dataset}.{ipc}.{_one_line(err)}") from None
 
 
-def preset_dataset(params: Params, method: str) -> str | None:
-    """The dataset whose rows ``experts.<method>.preset`` selects (None = no preset)."""
+def preset_dataset(params: Params, method: str, paper: str | None = None) -> str | None:
+    """The dataset whose rows ``experts.<method>.preset`` selects (None = no preset); ``auto``
+    selects ``paper``, the prepared data's identity (``Prepared.paper``), when it has rows."""
     cfg = params.experts.for_method(method)
     choice = getattr(cfg, "preset", None)
     if choice in (None, "none"):
         return None
     table = params.presets.get(method, {})
-    if choice == "auto":  # the data source's rows; a source without rows gets the class defaults
-        return params.data.source if params.data.source in table else None
+    if choice == "auto":  # the prepared data's rows; other data gets the class defaults
+        return paper if paper in table else None
     if choice not in table:
         have = ", ".join(sorted(table)) or "none"
         raise ConfigError(f"experts.{method}.preset={choice}: no such preset (have: {have}, auto, none)")
     return choice
 
 
-def method_config(params: Params, method: str, ipc: int) -> tuple[BaseModel, PresetChoice | None]:
-    """The effective config of ``method`` at ``ipc`` per expert, and the preset row used.
+def method_config(params: Params, method: str, ipc: int, paper: str | None = None) -> tuple[BaseModel, PresetChoice | None]:
+    """The effective config of ``method`` at ``ipc`` per expert on data ``paper`` (the prepared
+    store's identity, ``Prepared.paper``; None = not a paper dataset), and the preset row used.
 
     Raises:
         ConfigError: the preset names a dataset without rows (one line, with the choices).
     """
     cfg = params.experts.for_method(method)
-    dataset = preset_dataset(params, method)
+    dataset = preset_dataset(params, method, paper)
     if dataset is None:
         return cfg, None
     rows = params.presets[method][dataset]

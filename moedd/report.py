@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.table import Table
 
 from moedd.nets import DISPLAY_NAMES
-from moedd.data.identity import dataset_label
+from moedd.data.identity import PAPER_KEYS, dataset_label
 from moedd.paper import paper_value
 
 _METHOD_ORDER = ["random", "dm", "idm", "idc", "mtt"]
@@ -47,7 +47,7 @@ class Cell:
     @property
     def label(self) -> str:
         """The data's name in metric keys (:func:`moedd.paper.dataset_label`)."""
-        return dataset_label(self.name, self.dataset)
+        return dataset_label(self.name, next((k for k, v in PAPER_KEYS.items() if v == self.dataset), None))
 
     @property
     def paper(self) -> float | None:

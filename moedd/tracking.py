@@ -159,13 +159,13 @@ def parent_run_id(params: Params) -> str:
         return run.info.run_id
 
 
-def cell_tags(method: str, budget: int, ipc: int, noe: int, data_name: str, classes: list[str]) -> dict[str, str]:
+def cell_tags(method: str, budget: int, ipc: int, noe: int, data_name: str, paper: str | None) -> dict[str, str]:
     """Tags that place a distill or evaluate run in the table, to filter on in the UI: ``dataset``
     (``cifar10``-style, :func:`moedd.data.identity.dataset_label`), ``budget``, ``config``
     (IPCxNoE) and ``method``."""
-    from moedd.data.identity import dataset_key, dataset_label
+    from moedd.data.identity import dataset_label
 
-    return {"dataset": dataset_label(data_name, dataset_key(data_name, classes)), "budget": str(budget),
+    return {"dataset": dataset_label(data_name, paper), "budget": str(budget),
             "config": f"{ipc}x{noe}", "method": method}
 
 

@@ -81,18 +81,19 @@ def teacher_path(out: str | Path, shard: int, index: int) -> Path:
 # ---------------------------------------------------------------- settings
 
 
-def mtt_config(params: Params, ipc: int) -> MTTConfig:
-    """The effective MTT config at ``ipc`` images per class per expert (preset row applied)."""
-    cfg, _ = method_config(params, "mtt", ipc)
+def mtt_config(params: Params, ipc: int, paper: str | None = None) -> MTTConfig:
+    """The effective MTT config at ``ipc`` images per class per expert on data ``paper``
+    (``Prepared.paper``), preset row applied."""
+    cfg, _ = method_config(params, "mtt", ipc, paper)
     return cfg  # type: ignore[return-value]
 
 
-def teacher_epochs(params: Params, ipc: int) -> int:
+def teacher_epochs(params: Params, ipc: int, paper: str | None = None) -> int:
     """Epochs each teacher trains: ``trajectories.epochs``, or what MTT at ``ipc`` can use
     (``max_start_epoch + expert_epochs`` of its effective config) when that is None."""
     if params.trajectories.epochs is not None:
         return params.trajectories.epochs
-    cfg = mtt_config(params, ipc)
+    cfg = mtt_config(params, ipc, paper)
     return cfg.max_start_epoch + cfg.expert_epochs
 
 
@@ -107,7 +108,7 @@ def validate_trajectories(params: Params, prepared: Prepared, partition: Partiti
     if partition.data_digest and partition.data_digest != prepared.digest:
         raise ConfigError("the partition was made from other data (digest differs); rerun `moedd partition`")
     check_ipc_fits(partition, prepared.train_labels, prepared.num_classes, ipc)
-    teacher_epochs(params, ipc)  # resolves the MTT preset: a bad choice fails here
+    teacher_epochs(params, ipc, prepared.paper)  # resolves the MTT preset: a bad choice fails here
     return ipc
 
 
@@ -377,11 +378,11 @@ def train_teachers(
     """
     t0 = time.perf_counter()
     ipc = validate_trajectories(params, prepared, partition)
-    cfg, epochs = params.trajectories, teacher_epochs(params, ipc)
+    cfg, epochs = params.trajectories, teacher_epochs(params, ipc, prepared.paper)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # incomplete until every teacher is there
-    space = input_space(mtt_config(params, ipc), prepared, out / ZCA_FILE)
+    space = input_space(mtt_config(params, ipc, prepared.paper), prepared, out / ZCA_FILE)
     _write_zca(out / ZCA_FILE, space.zca)
     _remove_stale(out, partition.noe, cfg.num_teachers)
     cache = Path(cache_dir) if cache_dir is not None else None

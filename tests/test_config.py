@@ -138,39 +138,40 @@ def test_presets_cover_cifar_budgets_and_pick_the_row_of_the_ipc() -> None:
     for method in ("idm", "idc", "mtt"):
         for dataset in ("cifar10", "cifar100"):
             assert {5, 10, 20} <= set(p.presets[method][dataset]), (method, dataset)
-    idm10, choice = method_config(p, "idm", 10)
+    idm10, choice = method_config(p, "idm", 10, "cifar10")
     assert choice is not None and choice.label == "cifar10/ipc10" and idm10.ce_weight == 0.5
-    assert method_config(p, "idm", 50)[0].ce_weight == 0.1
-    mtt1, _ = method_config(p, "mtt", 1)
+    assert method_config(p, "idm", 50, "cifar10")[0].ce_weight == 0.1
+    mtt1, _ = method_config(p, "mtt", 1, "cifar10")
     assert (mtt1.syn_steps, mtt1.max_start_epoch, mtt1.lr_teacher, mtt1.lr_lr) == (50, 2, 0.01, 1e-7)
-    c100 = _repo_params(**{"data.source": "cifar100"})
-    assert method_config(c100, "idm", 10)[0].model_train_steps == 50
-    assert method_config(c100, "idc", 10)[0].n_data == 500
-    assert method_config(c100, "mtt", 10)[0].zca is False
+    assert method_config(p, "idm", 10, "cifar100")[0].model_train_steps == 50
+    assert method_config(p, "idc", 10, "cifar100")[0].n_data == 500
+    assert method_config(p, "mtt", 10, "cifar100")[0].zca is False
 
 
 def test_preset_nearest_row_and_explicit_keys_win() -> None:
     from moedd.params import method_config
 
     p = _repo_params()
-    _, choice = method_config(p, "mtt", 7)
+    _, choice = method_config(p, "mtt", 7, "cifar10")
     assert choice.row_ipc == 5 and "nearest" in choice.label
-    assert method_config(p, "mtt", 15)[1].row_ipc == 20  # ties go to the larger IPC
+    assert method_config(p, "mtt", 15, "cifar10")[1].row_ipc == 20  # ties go to the larger IPC
     over = _repo_params(**{"experts.idm.ce_weight": 0.3, "experts.mtt.syn_steps": 12})
-    assert method_config(over, "idm", 10)[0].ce_weight == 0.3
-    assert method_config(over, "mtt", 1)[0].syn_steps == 12
-    assert method_config(over, "mtt", 1)[0].max_start_epoch == 2  # the rest still from the row
+    assert method_config(over, "idm", 10, "cifar10")[0].ce_weight == 0.3
+    assert method_config(over, "mtt", 1, "cifar10")[0].syn_steps == 12
+    assert method_config(over, "mtt", 1, "cifar10")[0].max_start_epoch == 2  # the rest still from the row
 
 
 def test_preset_choice_auto_none_and_unknown() -> None:
     from moedd.params import method_config
 
     folder = _repo_params(**{"data.source": "imagefolder"})
-    cfg, choice = method_config(folder, "idm", 10)
+    cfg, choice = method_config(folder, "idm", 10, None)  # data that is no paper dataset: the class defaults
     assert choice is None and cfg == IDMConfig.model_validate(folder.experts.idm.model_dump())
+    # auto goes by the identity the prepared store records, never by data.source
+    assert method_config(_repo_params(**{"data.source": "cifar10"}), "idm", 10, None)[1] is None
     cfg, choice = method_config(_repo_params(**{"data.source": "imagefolder", "experts.mtt.preset": "cifar10"}), "mtt", 1)
     assert choice.dataset == "cifar10" and cfg.syn_steps == 50
-    assert method_config(_repo_params(**{"experts.idm.preset": "none"}), "idm", 10)[1] is None
+    assert method_config(_repo_params(**{"experts.idm.preset": "none"}), "idm", 10, "cifar10")[1] is None
     with pytest.raises(ConfigError, match="no such preset"):
         method_config(_repo_params(**{"experts.idm.preset": "svhn"}), "idm", 10)
 

@@ -25,7 +25,7 @@ def test_cells_become_accuracy_and_gain_metrics() -> None:
 
 
 def test_dataset_labels_are_metric_key_safe() -> None:
-    assert dataset_label("folder", "c10") == "cifar10"
+    assert dataset_label("folder", "cifar10") == "cifar10"
     assert dataset_label("a/b:c?", None) == "a_b_c_"
     assert dataset_label("///", None) == "___"
     assert dataset_label("", None) == "custom"

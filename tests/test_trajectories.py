@@ -81,8 +81,8 @@ def test_teacher_epochs_follow_the_effective_mtt_config() -> None:
     assert teacher_epochs(p, 2) == 5
     assert teacher_epochs(_params(**{"trajectories.epochs": 7}), 2) == 7
     real = load_params(REPO / "params.yaml", {"trajectories.epochs": None})  # presets.mtt.cifar10 rows
-    assert [teacher_epochs(real, ipc) for ipc in (1, 10, 50)] == [2 + 2, 20 + 2, 40 + 2]
-    assert mtt_config(real, 50).zca is False and mtt_config(real, 10).zca is True
+    assert [teacher_epochs(real, ipc, "cifar10") for ipc in (1, 10, 50)] == [2 + 2, 20 + 2, 40 + 2]
+    assert mtt_config(real, 50, "cifar10").zca is False and mtt_config(real, 10, "cifar10").zca is True
 
 
 def test_mtt_noe_must_be_partitioned_by_grid_noe() -> None:

@@ -10,8 +10,9 @@ from PIL import Image
 TINY_CLASSES = ["apple", "bear", "cloud"]
 
 
-def make_image_folder(root: Path, train_per_class: int = 24, test_per_class: int = 8, size: int = 32, seed: int = 0) -> Path:
-    """Write ``root/train/<class>/*.png`` and ``root/test/<class>/*.png``.
+def make_image_folder(root: Path, train_per_class: int = 24, test_per_class: int = 8, size: int = 32, seed: int = 0,
+                      classes: list[str] = TINY_CLASSES) -> Path:
+    """Write ``root/train/<class>/*.png`` and ``root/test/<class>/*.png`` for every name of ``classes``.
 
     Each class has its own colour and a horizontal or vertical stripe pattern plus noise, so
     networks can learn it in a few steps, while images within a class still differ.
@@ -19,7 +20,7 @@ def make_image_folder(root: Path, train_per_class: int = 24, test_per_class: int
     rng = np.random.default_rng(seed)
     colours = np.array([[200, 60, 60], [60, 200, 60], [60, 60, 200]], dtype=np.float32)
     for split, n in (("train", train_per_class), ("test", test_per_class)):
-        for c, name in enumerate(TINY_CLASSES):
+        for c, name in enumerate(classes):
             d = root / split / name
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):

@@ -4,7 +4,9 @@ Layout of a prepared directory (a DVC output)::
 
     train.pt   {"images": uint8 (N,C,H,W), "labels": int64 (N,)}
     test.pt    same for the test split
-    meta.json  name, classes, shape, per-channel mean/std of the training images, digest
+    meta.json  name, classes, shape, per-channel mean/std of the training images, digest, and
+               paper_dataset: which of the paper's datasets this is (cifar10, cifar100) or null
+               (``moedd.data.identity``): presets, the report and metric keys go by it
 
 The digest is a SHA-256 over the tensors and class names: partitions and synthetic sets record
 it, so a set distilled from other data is refused instead of silently mis-evaluated.
@@ -21,6 +23,7 @@ import torch
 from torch import Tensor
 
 from moedd._atomic import atomic_dir
+from moedd.data.identity import paper_dataset
 from moedd.data.sources import RawDataset
 
 
@@ -37,6 +40,8 @@ class Prepared:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     digest: str
+    paper: str | None = None
+    """Which of the paper's datasets this is (``cifar10``, ``cifar100``), None for other data."""
 
     @property
     def num_classes(self) -> int:
@@ -73,16 +78,17 @@ def save_prepared(ds: RawDataset, out_dir: str | Path) -> Prepared:
     tensors = [ds.train.images, ds.train.labels, ds.test.images, ds.test.labels]
     digest = content_digest(tensors, ds.classes)
     mean, std = channel_stats(ds.train.images)
+    paper = paper_dataset(ds.classes, ds.train.images.shape[1:])
     meta = {
         "name": ds.name, "classes": ds.classes, "shape": list(ds.train.images.shape[1:]),
         "num_train": len(ds.train.labels), "num_test": len(ds.test.labels),
-        "mean": mean, "std": std, "digest": digest,
+        "mean": mean, "std": std, "digest": digest, "paper_dataset": paper,
     }
     with atomic_dir(out_dir) as out:
         torch.save({"images": ds.train.images, "labels": ds.train.labels}, out / "train.pt")
         torch.save({"images": ds.test.images, "labels": ds.test.labels}, out / "test.pt")
         (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    return Prepared(ds.name, ds.classes, *tensors, mean, std, digest)
+    return Prepared(ds.name, ds.classes, *tensors, mean, std, digest, paper)
 
 
 def load_prepared(path: str | Path) -> Prepared:
@@ -93,9 +99,11 @@ def load_prepared(path: str | Path) -> Prepared:
     meta = json.loads((p / "meta.json").read_text())
     train = torch.load(p / "train.pt", weights_only=True)
     test = torch.load(p / "test.pt", weights_only=True)
+    # stores written before the field existed: the same rule on what they record
+    paper = meta["paper_dataset"] if "paper_dataset" in meta else paper_dataset(meta["classes"], meta["shape"])
     return Prepared(
         meta["name"], meta["classes"], train["images"], train["labels"], test["images"], test["labels"],
-        tuple(meta["mean"]), tuple(meta["std"]), meta["digest"],
+        tuple(meta["mean"]), tuple(meta["std"]), meta["digest"], paper,
     )
 
 

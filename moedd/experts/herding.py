@@ -40,7 +40,7 @@ class HerdingConfig(NetTraining):
     """``experts.herding``: herding selection of real images in a shard-trained feature space."""
 
     preset: str = "auto"
-    """Row of ``presets.herding`` to apply: auto (data.source) | cifar10 | cifar100 | none (moedd.params)."""
+    """Row of ``presets.herding`` to apply: auto (the prepared data's identity) | cifar10 | cifar100 | none (moedd.params)."""
     iterations: Literal[0] = 0
     train_epochs: int = Field(20, ge=0)
     """Epochs the embedding network of each expert trains on the expert's shard (0 = untrained)."""

@@ -128,7 +128,7 @@ class IDCConfig(NetTraining):
     network's SGD: :class:`~moedd.config.NetTraining`)."""
 
     preset: str = "auto"
-    """Row of ``presets.idc`` to apply: auto (data.source) | cifar10 | cifar100 | none (moedd.params)."""
+    """Row of ``presets.idc`` to apply: auto (the prepared data's identity) | cifar10 | cifar100 | none (moedd.params)."""
     iterations: int = Field(2000, ge=0)
     """Outer iterations (a fresh network each)."""
     inner_loop: int = Field(100, ge=1)

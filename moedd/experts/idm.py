@@ -122,7 +122,7 @@ class IDMConfig(NetTraining):
     networks' SGD: :class:`~moedd.config.NetTraining`)."""
 
     preset: str = "auto"
-    """Row of ``presets.idm`` to apply: auto (data.source) | cifar10 | cifar100 | none (moedd.params)."""
+    """Row of ``presets.idm`` to apply: auto (the prepared data's identity) | cifar10 | cifar100 | none (moedd.params)."""
     iterations: int = Field(20000, ge=0)
     lr_img: float = Field(0.2, gt=0)
     momentum: float = Field(0.5, ge=0, lt=1)

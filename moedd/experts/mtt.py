@@ -73,7 +73,7 @@ class MTTConfig(Section):
     (docs/methods.md §MTT presets), which FTD's script confirms."""
 
     preset: str = "auto"
-    """Row of ``presets.mtt`` to apply: auto (data.source) | cifar10 | cifar100 | none (moedd.params)."""
+    """Row of ``presets.mtt`` to apply: auto (the prepared data's identity) | cifar10 | cifar100 | none (moedd.params)."""
     iterations: int = Field(5000, ge=0)
     syn_steps: int = Field(30, ge=1)
     """N: unrolled student steps per iteration (memory grows linearly with it)."""
