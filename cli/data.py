@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Annotated
@@ -20,20 +21,26 @@ def prepare(
     out: Annotated[Path, typer.Option(help="Directory of the prepared store.")] = Path("data/prepared"),
     source: Annotated[str | None, typer.Option(help=f"{' | '.join(SOURCES.names())} (default: data.source).")] = None,
     root: Annotated[str | None, typer.Option(help="Download dir or image folder (default: data.root).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="An entry of `datasets` (its keys over `data`; the grid's stages name one).")] = None,
     params_path: ParamsOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """Read the dataset from its source and store it as uint8 tensors with a digest."""
     from moedd.data import load_source, save_prepared
+    from moedd.params import dataset_data
 
     params = _params(params_path, sets, **{"data.source": source, "data.root": root})
+    data = dataset_data(params, dataset) if dataset is not None else params.data
     t0 = time.perf_counter()
     # no "reading ..." line first: a source that is not there fails with its one-line error alone
-    prep = save_prepared(load_source(params.data.source, params.data.root, params.data.download), out)
+    raw = load_source(data.source, data.root, data.download)
+    if dataset is not None:  # the grid's name for it: run names, tags and metric keys use it (not in the digest)
+        raw = dataclasses.replace(raw, name=dataset)
+    prep = save_prepared(raw, out)
     console.log(
-        f"prepared {prep.name} from {params.data.source} {params.data.root}: "
+        f"prepared {prep.name} from {data.source} {data.root}: "
         f"{len(prep.train_labels)} train / {len(prep.test_labels)} test images, "
-        f"{prep.num_classes} classes, shape {prep.image_shape}, digest {prep.digest[:12]} "
+        f"{prep.num_classes} classes, shape {prep.image_shape}, {prep.paper or 'not a paper dataset'}, digest {prep.digest[:12]} "
         f"({time.perf_counter() - t0:.1f}s) -> {out}"
     )
 

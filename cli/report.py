@@ -23,13 +23,15 @@ def report(
     """Print the cross-architecture table (ours beside the paper's where the setting matches)."""
     from rich.console import Console
 
-    from moedd.report import collect, protocol_line, render_markdown, render_table, run_metrics
+    from moedd.report import collect, protocol_line, render_markdown, render_tables, run_metrics
 
     params = _params(params_path, sets)
-    rows = collect(sorted(metrics_dir.glob("*.json")))
+    rows = collect(sorted(metrics_dir.rglob("*.json")))  # <dataset>/b<budget>/<method>-noe<N>.json in the grid
     if not rows:
         raise ConfigError(f"no evaluation metrics in {metrics_dir}; run `moedd evaluate` (or `dvc repro`) first")
-    Console(width=max(console.width, 160)).print(render_table(rows))
+    wide = Console(width=max(console.width, 160))
+    for table in render_tables(rows):
+        wide.print(table)
     typer.echo(protocol_line(rows))
     md = render_markdown(rows)
     if out is not None:

@@ -24,15 +24,18 @@ def trajectories(
     teachers: Annotated[int | None, typer.Option(help="Teachers per shard (default: trajectories.num_teachers).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs per teacher (default: trajectories.epochs, else MTT's max_start_epoch + expert_epochs).")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N] (default: trajectories.device).")] = None,
+    grid_budgets: Annotated[bool, typer.Option(help="Train for the largest budget of grid.budgets, not distill.budget: "
+                                               "one set of teachers then serves every budget of the grid (dvc repro).")] = False,
     checkpoint_dir: CheckpointOpt = None,
     params_path: ParamsOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """Train MTT teacher trajectories on every shard (resumable: finished teachers are kept, in the output
     and, until the run is complete, under --checkpoint-dir/teachers, so that they outlive a queued experiment)."""
-    params = _params(params_path, sets, **{
-        "trajectories.num_teachers": teachers, "trajectories.epochs": epochs, "trajectories.device": device,
-    })
+    named = {"trajectories.num_teachers": teachers, "trajectories.epochs": epochs, "trajectories.device": device}
+    params = _params(params_path, sets, **named)
+    if grid_budgets:  # the largest IPC needs the most teacher epochs; a smaller one uses fewer of them
+        params = _params(params_path, sets, **named, **{"distill.budget": max(params.grid.budgets)})
     check_budget(params.distill.budget, noe)
     _run_trajectories(params, noe, prepared, partition_path or Path(f"data/partitions/noe{noe}.pt"),
                       out or Path(f"data/trajectories/noe{noe}"), metrics, _checkpoints(checkpoint_dir) / "teachers")

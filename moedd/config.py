@@ -68,6 +68,14 @@ class DataConfig(Section):
         return v
 
 
+class DatasetEntry(Section):
+    """One entry of ``datasets``: the keys of ``data`` it sets; the others come from ``data``."""
+
+    source: str | None = None
+    root: str | None = None
+    download: bool | None = None
+
+
 class PartitionConfig(Section):
     """How the training set is split into NoE disjoint, class-balanced shards."""
 
@@ -75,7 +83,12 @@ class PartitionConfig(Section):
 
 
 class GridConfig(Section):
-    """The experiments ``dvc repro`` runs: every expert method x every number of experts."""
+    """The experiments ``dvc repro`` runs: every dataset x budget x method x number of experts."""
+
+    datasets: list[str] = ["cifar10"]
+    """Entries of ``datasets`` to run, each with its own prepared store, partitions and sets."""
+    budgets: list[int] = [10]
+    """Stored images per class to run (each divisible by every NoE of ``noe`` and ``mtt_noe``)."""
 
     experts: list[str] = ["dm"]
     """Methods that optimise images (stages distill/evaluate; a loss curve each, for ``dvc plots``)."""
@@ -85,6 +98,20 @@ class GridConfig(Section):
     noe: list[int] = [1, 2]
     mtt_noe: list[int] = []
     """NoE values MTT runs with (MTT has its own stages, after the teacher trajectories; [] = no MTT)."""
+
+    @field_validator("datasets")
+    @classmethod
+    def _named(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v) or any(not n or "/" in n for n in v):
+            raise ValueError("grid.datasets must list distinct entries of `datasets` (names without '/')")
+        return v
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v) or any(b < 1 for b in v):
+            raise ValueError("grid.budgets must list distinct budgets >= 1")
+        return v
 
     @field_validator("noe")
     @classmethod

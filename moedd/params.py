@@ -34,7 +34,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError, create_model, model_validator
 
 from moedd.config import (
-    ConfigError, DataConfig, DistillConfig, EvaluateConfig, FusionConfig, GridConfig, MlflowConfig,
+    ConfigError, DataConfig, DatasetEntry, DistillConfig, EvaluateConfig, FusionConfig, GridConfig, MlflowConfig,
     PartitionConfig, Section, TrajectoriesConfig, check_budget, read_params_file, set_dotted,
 )
 from moedd.experts import EXPERTS
@@ -67,6 +67,8 @@ class Params(Section):
     """All of params.yaml."""
 
     data: DataConfig = DataConfig()
+    datasets: dict[str, DatasetEntry] = {"cifar10": DatasetEntry(source="cifar10"), "cifar100": DatasetEntry(source="cifar100")}
+    """Named datasets of the grid: each sets some keys of ``data`` (:func:`dataset_data`)."""
     partition: PartitionConfig = PartitionConfig()
     grid: GridConfig = GridConfig()
     distill: DistillConfig = DistillConfig()
@@ -85,7 +87,14 @@ class Params(Section):
                 if EXPERTS.get(name).optimises != optimising:
                     raise ValueError(_GRID_PLACE[optimising].format(name=name, field=field))
         for noe in [*self.grid.noe, *self.grid.mtt_noe]:
-            check_budget(self.distill.budget, noe)
+            for budget in dict.fromkeys([self.distill.budget, *self.grid.budgets]):
+                check_budget(budget, noe)
+        for name in self.grid.datasets:
+            if name not in self.datasets:
+                raise ValueError(f"grid.datasets lists {name!r}, which `datasets` does not define "
+                                 f"(have: {', '.join(self.datasets) or 'none'})")
+        for name in self.datasets:
+            dataset_data(self, name)  # every entry is a valid data section
         missing = [n for n in self.grid.mtt_noe if n not in self.grid.noe]
         if missing:  # the partition stage only makes partitions for grid.noe
             raise ValueError(f"grid.mtt_noe lists NoE {', '.join(map(str, missing))} but grid.noe does not; "
@@ -126,6 +135,21 @@ def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, An
         raise ConfigError(f"invalid {where}: {msg}") from None
     except (ConfigError, KeyError) as err:
         raise ConfigError(str(err)) from None
+
+
+def dataset_data(params: "Params", name: str) -> DataConfig:
+    """The ``data`` section of dataset ``name``: ``data`` with the keys ``datasets.<name>`` sets.
+
+    Raises:
+        ConfigError: no such entry, or the merged section is invalid (one line).
+    """
+    entry = params.datasets.get(name)
+    if entry is None:
+        raise ConfigError(f"unknown dataset {name!r} (have: {', '.join(params.datasets) or 'none'}; see `datasets`)")
+    try:
+        return DataConfig.model_validate({**params.data.model_dump(), **entry.model_dump(exclude_none=True)})
+    except ValidationError as err:
+        raise ConfigError(f"datasets.{name}.{_one_line(err)}") from None
 
 
 # ---------------------------------------------------------------- presets

@@ -1,9 +1,12 @@
 """Cross-architecture tables from evaluation metrics, with the paper's numbers beside ours.
 
-Rows: (method, evaluation network); columns: IPCxNoE configurations grouped by budget (e.g.
-5x2 and 10x1 at budget 10). A cell reads ``ours mean ± std`` and, where the paper has the same
-setting (method, network, CIFAR-10/100, budget, IPCxNoE), ``paper X``. Numbers from different
-protocols are never mixed: each table states the protocol of the runs it shows.
+One table per dataset (CIFAR-10, CIFAR-100, then other data by name: cells of different data
+never share a table). Rows: (method, evaluation network); columns: IPCxNoE configurations grouped
+by budget (e.g. 5x2 and 10x1 at budget 10); for the paper's datasets always the paper's four
+columns in its order (b10 5x2, b10 10x1, b20 10x2, b20 20x1), "—" where we have no result, then
+any others. A cell reads ``ours mean ± std (n seeds)`` (a single seed has no std) and, where the
+paper has the same setting, ``paper X``. Numbers from different protocols are never mixed: the
+report states the protocol of the runs it shows.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from moedd.nets import DISPLAY_NAMES
 from moedd.data.identity import PAPER_KEYS, dataset_label
 from moedd.paper import paper_value
 
-_METHOD_ORDER = ["random", "dm", "idm", "idc", "mtt"]
+_METHOD_ORDER = ["random", "herding", "dm", "idm", "idc", "mtt"]
+_PAPER_COLUMNS = [(10, "5x2"), (10, "10x1"), (20, "10x2"), (20, "20x1")]
+"""The paper's columns of one dataset, in its order."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,16 @@ def collect(paths: list[Path]) -> list[Cell]:
 
 def _columns(cells: list[Cell]) -> list[tuple[int, str]]:
     keys = {(c.budget, c.noe, c.ipc) for c in cells}
-    return [(b, f"{i}x{n}") for b, n, i in sorted(keys, key=lambda k: (k[0], -k[1]))]
+    ours = [(b, f"{i}x{n}") for b, n, i in sorted(keys, key=lambda k: (k[0], -k[1]))]
+    if cells and cells[0].dataset is not None:  # a paper dataset: its columns first, in its order
+        return _PAPER_COLUMNS + [c for c in ours if c not in _PAPER_COLUMNS]
+    return ours
+
+
+def datasets(cells: list[Cell]) -> list[str]:
+    """The datasets (:attr:`Cell.label`) of ``cells``: the paper's first, in its order, then by name."""
+    order = {"cifar10": 0, "cifar100": 1}
+    return sorted({c.label for c in cells}, key=lambda d: (order.get(d, 2), d))
 
 
 def _rows(cells: list[Cell]) -> list[tuple[str, str]]:
@@ -81,7 +95,7 @@ def _rows(cells: list[Cell]) -> list[tuple[str, str]]:
 def _cell_text(c: Cell | None) -> str:
     if c is None:
         return "—"
-    text = f"{c.mean:.2f} ± {c.std:.2f}"
+    text = f"{c.mean:.2f} ± {c.std:.2f} (n={c.n})" if c.n > 1 else f"{c.mean:.2f} (n={c.n})"
     return text + (f" (paper {c.paper:.2f})" if c.paper is not None else "")
 
 
@@ -106,22 +120,28 @@ def protocol_line(cells: list[Cell]) -> str:
 
 
 def render_markdown(cells: list[Cell]) -> str:
-    """The table as GitHub Markdown, with the protocol line."""
-    header, body = _grid(cells)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines) + "\n\n" + protocol_line(cells) + "\n"
+    """One GitHub Markdown table per dataset, each under its heading, and the protocol line."""
+    parts = []
+    for name in datasets(cells):
+        header, body = _grid([c for c in cells if c.label == name])
+        lines = [f"### {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n\n" + protocol_line(cells) + "\n"
 
 
-def render_table(cells: list[Cell]) -> Table:
-    """The table as a rich Table (the CLI prints it)."""
-    header, body = _grid(cells)
-    table = Table(title="Cross-architecture accuracy (%)")
-    for h in header:
-        table.add_column(h, justify="left" if h in ("Method", "Eval net") else "right")
-    for row in body:
-        table.add_row(*row)
-    return table
+def render_tables(cells: list[Cell]) -> list[Table]:
+    """One rich Table per dataset (the CLI prints them)."""
+    tables = []
+    for name in datasets(cells):
+        header, body = _grid([c for c in cells if c.label == name])
+        table = Table(title=f"{name}: cross-architecture accuracy (%)")
+        for h in header:
+            table.add_column(h, justify="left" if h in ("Method", "Eval net") else "right")
+        for row in body:
+            table.add_row(*row)
+        tables.append(table)
+    return tables
 
 
 def run_metrics(cells: list[Cell]) -> dict[str, float]:

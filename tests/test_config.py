@@ -109,15 +109,21 @@ def _param_keys(tree: dict, prefix: str = "") -> set[str]:
 
 
 def test_every_dvc_stage_param_exists_in_params_yaml() -> None:
-    """Each `params:` entry of dvc.yaml names a real key (templated ones for every expert)."""
+    """Each `params:` entry of dvc.yaml names a real key (templated ones for every expert and
+    dataset the grid lists)."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     tree = yaml.safe_load((REPO / "params.yaml").read_text())
     keys = _param_keys(tree)
-    experts = tree["grid"]["experts"]
+    items = {"${item.expert}": tree["grid"]["experts"] + tree["grid"]["baselines"],
+             "${item.dataset}": tree["grid"]["datasets"]}
     for stage in dvc["stages"].values():
         body = stage.get("do", stage)
         for entry in body.get("params", []):
-            names = [entry.replace("${item.expert}", e) for e in experts] if "${" in entry else [entry]
+            names = [entry]
+            for var, values in items.items():
+                names = [n.replace(var, v) for n in names for v in (values if var in n else [None])] \
+                    if var in entry else names
+            assert names and all("${" not in n for n in names), entry
             for name in names:
                 assert name in keys, f"dvc.yaml param {name} is not in params.yaml"
     # and params.yaml has no section the config models do not read

@@ -4,6 +4,7 @@ lose no MLflow runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tinydata import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -26,16 +29,25 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) ->
 
 @pytest.fixture(scope="module")
 def repo(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A git+DVC repository with this project's pipeline and tiny params; `dvc repro` already run."""
+    """A git+DVC repository with this project's pipeline and tiny params (one dataset, budget 4,
+    DM, the random baseline and MTT at NoE 2 and 1); `dvc repro` already run."""
+    return _repo(tmp_path_factory, {"tiny": tiny_folder}, [4])
+
+
+def _repo(tmp_path_factory: pytest.TempPathFactory, folders: dict[str, Path], budgets: list[int],
+          baselines: tuple[str, ...] = ("random",), mtt_noe: tuple[int, ...] = (2,)) -> tuple[Path, dict[str, str]]:
+    """This project's pipeline in a fresh git+DVC repository over the image ``folders`` (name ->
+    folder) and ``budgets``, at toy sizes; `dvc repro` run once."""
     root = tmp_path_factory.mktemp("pipeline") / "repo"
     root.mkdir()
     for package in ("moedd", "cli"):  # the stages' deps (the installed code runs; these are what DVC hashes)
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"] = {"source": "imagefolder", "root": str(tiny_folder), "download": False}
-    params["grid"] = {"experts": ["dm"], "baselines": ["random"], "noe": [2, 1], "mtt_noe": [2]}
-    params["distill"].update({"budget": 4, "log_every": 1, "checkpoint_every": 2})
+    params["datasets"] = {name: {"source": "imagefolder", "root": str(f), "download": False} for name, f in folders.items()}
+    params["grid"] = {"datasets": list(folders), "budgets": budgets, "experts": ["dm"], "baselines": list(baselines),
+                      "noe": [2, 1], "mtt_noe": list(mtt_noe)}
+    params["distill"].update({"budget": max(budgets), "log_every": 1, "checkpoint_every": 2})
     params["experts"]["dm"].update({"iterations": 2, "batch_real": 8})
     # MTT at toy size; ZCA off here (its 3072x3072 fit is tested on small images in test_mtt.py)
     params["experts"]["mtt"].update({"iterations": 2, "syn_steps": 2, "max_start_epoch": 1, "expert_epochs": 1, "zca": False})
@@ -65,20 +77,20 @@ def _runs(root: Path):
 def test_repro_produces_every_stage_output(repo) -> None:
     root, _ = repo
     for name in ("dm-noe2", "dm-noe1"):
-        assert (root / "data/synthetic" / name / "expert-0.json").exists()
-        assert (root / "metrics/evaluate" / f"{name}.json").exists()
-        assert (root / "plots/distill" / f"{name}.csv").exists()
-    assert (root / "data/synthetic/dm-noe2/expert-1.pt").exists()
+        assert (root / "data/tiny/synthetic/b4" / name / "expert-0.json").exists()
+        assert (root / "metrics/evaluate/tiny/b4" / f"{name}.json").exists()
+        assert (root / "plots/distill/tiny/b4" / f"{name}.csv").exists()
+    assert (root / "data/tiny/synthetic/b4/dm-noe2/expert-1.pt").exists()
     for name in ("random-noe2", "random-noe1"):  # a baseline: a set and its evaluation, no loss curve to plot
-        assert (root / "metrics/evaluate" / f"{name}.json").exists()
-        assert not (root / "plots/distill" / f"{name}.csv").exists()
+        assert (root / "metrics/evaluate/tiny/b4" / f"{name}.json").exists()
+        assert not (root / "plots/distill/tiny/b4" / f"{name}.csv").exists()
     table = (root / "reports/table.md").read_text()
     assert "| DM | ConvNet-3 |" in table and "| RANDOM | ConvNet-3 |" in table and "b4 2x2" in table and "b4 4x1" in table
     # MTT: teachers of both shards (2 epochs = max_start_epoch + expert_epochs), its set, its evaluation
-    assert (root / "data/trajectories/noe2/meta.json").exists()
-    assert (root / "data/trajectories/noe2/shard1/teacher000.pt").exists()
-    assert (root / "data/synthetic/mtt-noe2/expert-1.json").exists()
-    assert (root / "metrics/evaluate/mtt-noe2.json").exists()
+    assert (root / "data/tiny/trajectories/noe2/meta.json").exists()
+    assert (root / "data/tiny/trajectories/noe2/shard1/teacher000.pt").exists()
+    assert (root / "data/tiny/synthetic/b4/mtt-noe2/expert-1.json").exists()
+    assert (root / "metrics/evaluate/tiny/b4/mtt-noe2.json").exists()
     assert "| MTT | ConvNet-3 |" in table
 
 
@@ -86,7 +98,7 @@ def test_second_repro_is_a_no_op(repo) -> None:
     root, env = repo
     out = _run(["dvc", "repro"], root, env)
     assert "Running stage" not in out
-    assert "'trajectories@2' didn't change" in out  # teachers are cached, never retrained
+    assert "'trajectories@tiny-2' didn't change" in out  # teachers are cached, never retrained
     assert "up to date" in _run(["dvc", "status"], root, env)
 
 
@@ -97,22 +109,22 @@ def test_mlflow_holds_the_runs_with_dvc_lineage(repo) -> None:
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1, [r.info.run_name for r in parents]
     cells = parents[0].data.metrics  # logged by the report stage: every cell of the pipeline run
-    assert {"acc/folder/b4/2x2/dm/convnet3", "acc/folder/b4/4x1/dm/convnet3", "acc/folder/b4/2x2/mtt/convnet3",
-            "gain/folder/b4/2x2/dm/convnet3"} <= set(cells), sorted(cells)
-    assert cells["gain/folder/b4/2x2/dm/convnet3"] == round(
-        cells["acc/folder/b4/2x2/dm/convnet3"] - cells["acc/folder/b4/4x1/dm/convnet3"], 4)
+    assert {"acc/tiny/b4/2x2/dm/convnet3", "acc/tiny/b4/4x1/dm/convnet3", "acc/tiny/b4/2x2/mtt/convnet3",
+            "gain/tiny/b4/2x2/dm/convnet3"} <= set(cells), sorted(cells)
+    assert cells["gain/tiny/b4/2x2/dm/convnet3"] == round(
+        cells["acc/tiny/b4/2x2/dm/convnet3"] - cells["acc/tiny/b4/4x1/dm/convnet3"], 4)
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     stages = [r for r in runs if "stage" in r.data.tags and "mlflow.parentRunId" in r.data.tags
               and r.info.run_name.split()[0] in ("trajectories", "distill", "evaluate")]
     assert len(stages) >= 6 and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in stages), \
         [(r.info.run_name, r.data.tags["mlflow.parentRunId"][:8]) for r in stages]  # every stage under the ONE parent
-    distill = by_name["distill dm folder b4 2x2"]
+    distill = by_name["distill dm tiny b4 2x2"]
     assert distill.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-    assert distill.data.tags["dvc.stage"] == "distill@dm-2"
-    part_md5 = next(o["md5"] for o in lock["partition@2"]["outs"])
+    assert distill.data.tags["dvc.stage"] == "distill@tiny-4-dm-2"
+    part_md5 = next(o["md5"] for o in lock["partition@tiny-2"]["outs"])
     assert distill.data.tags["lineage.partition.partition-noe2"] == part_md5
-    evaluate = by_name["evaluate dm folder b4 2x2"]
-    syn_md5 = next(o["md5"] for o in lock["distill@dm-2"]["outs"])
+    evaluate = by_name["evaluate dm tiny b4 2x2"]
+    syn_md5 = next(o["md5"] for o in lock["distill@tiny-4-dm-2"]["outs"])
     assert evaluate.data.tags["lineage.synthetic.synthetic-dm-noe2"] == syn_md5
     digests = {d.dataset.digest for d in evaluate.inputs.dataset_inputs}
     assert syn_md5 in digests
@@ -156,7 +168,7 @@ def test_queued_experiments_lose_no_mlflow_runs(queued) -> None:
     for name in ("qa", "qb"):
         exp_runs = [r for r in runs if r.data.tags.get("dvc.exp_name") == name]
         names = {r.info.run_name for r in exp_runs}
-        assert {"evaluate dm folder b4 2x2", "evaluate dm folder b4 4x1"} <= names, (name, names)
+        assert {"evaluate dm tiny b4 2x2", "evaluate dm tiny b4 4x1"} <= names, (name, names)
 
 
 def _serve_ui(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
@@ -201,7 +213,7 @@ def test_the_ui_compares_the_pipeline_runs_in_a_real_browser(queued) -> None:
     root, env = queued
     pipelines = [r for r in _runs(root) if r.data.tags.get("moedd.role") == "pipeline"]
     assert {r.info.run_name for r in pipelines} >= {"qa", "qb"} and len(pipelines) == 3
-    key = "acc/folder/b4/2x2/dm/convnet3"
+    key = "acc/tiny/b4/2x2/dm/convnet3"
     shots = os.environ.get("MOEDD_SCREENSHOTS")
     proc, port = _serve_ui(root, env)
     try:
@@ -247,3 +259,39 @@ def _close_assistant(page) -> None:
     if close.count():
         close.first.click()
         page.wait_for_timeout(500)
+
+
+@pytest.fixture(scope="module")
+def grid_repo(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The pipeline over two datasets (the tiny folder and another with four classes) and two
+    budgets, DM at NoE 2 and 1: `dvc repro` already run."""
+    other = make_image_folder(tmp_path_factory.mktemp("other") / "folder", 12, 4, seed=1,
+                              classes=["ant", "bee", "cat", "dog"])
+    return _repo(tmp_path_factory, {"tiny": tiny_folder, "other": other}, [2, 4], baselines=[], mtt_noe=[])
+
+
+def test_one_repro_runs_every_dataset_and_budget_apart(grid_repo) -> None:
+    """Every (dataset, budget, NoE) cell has its own set and metrics; a second `dvc repro` does
+    nothing; the report keeps the datasets apart, one table each."""
+    root, env = grid_repo
+    seen = set()
+    for dataset in ("tiny", "other"):
+        for budget in (2, 4):
+            for noe in (2, 1):
+                meta = json.loads((root / f"data/{dataset}/synthetic/b{budget}/dm-noe{noe}/expert-0.json").read_text())
+                assert (meta["budget"], meta["noe"]) == (budget, noe)
+                metrics = json.loads((root / f"metrics/evaluate/{dataset}/b{budget}/dm-noe{noe}.json").read_text())
+                assert (metrics["dataset"], metrics["budget"], metrics["noe"]) == (dataset, budget, noe)
+                seen.add(meta["sha256"])
+    assert len(seen) == 8  # nothing overwrote anything
+    out = _run(["dvc", "repro"], root, env)
+    assert "Running stage" not in out
+    table = (root / "reports/table.md").read_text()
+    assert table.index("### other") < table.index("### tiny")  # one table per dataset (other data: by name)
+    other, tiny = table.split("### tiny")
+    for part in (other, tiny):
+        assert all(col in part for col in ("b2 1x2", "b2 2x1", "b4 2x2", "b4 4x1"))
+    parent = next(r for r in _runs(root) if r.data.tags.get("moedd.role") == "pipeline")
+    assert {f"acc/{d}/b{b}/{c}/dm/convnet3" for d in ("tiny", "other") for b, c in ((2, "1x2"), (4, "4x1"))} \
+        <= set(parent.data.metrics)
+

@@ -87,7 +87,7 @@ def test_teacher_epochs_follow_the_effective_mtt_config() -> None:
 
 def test_mtt_noe_must_be_partitioned_by_grid_noe() -> None:
     with pytest.raises(ConfigError, match=r"grid.mtt_noe lists NoE 4 but grid.noe does not"):
-        load_params(None, {"distill.budget": 4, "grid.noe": [1, 2], "grid.mtt_noe": [4]})
+        load_params(None, {"distill.budget": 4, "grid.budgets": [4], "grid.noe": [1, 2], "grid.mtt_noe": [4]})
     assert load_params(None, {"distill.budget": 4, "grid.noe": [1, 2], "grid.mtt_noe": [2]}).grid.mtt_noe == [2]
 
 
