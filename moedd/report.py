@@ -11,7 +11,10 @@ report states the protocol of the runs it shows.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,10 +95,30 @@ def _rows(cells: list[Cell]) -> list[tuple[str, str]]:
     return sorted(keys, key=lambda k: (order.get(k[0], 99), k[0], net_order.get(k[1], 99), k[1]))
 
 
-def _cell_text(c: Cell | None) -> str:
+MARK_RULE = ("▲ / ▼: the mixture beats / trails the single expert of the same budget, method and network by "
+             "more than the seeds' spread, sqrt(std_mix² + std_single²) (both over ≥ 2 seeds)")
+
+
+def single_of(c: Cell, cells: list[Cell]) -> Cell | None:
+    """The single-expert cell (NoE 1, IPC = budget) of mixture ``c``'s dataset, budget, method and network."""
+    return next((s for s in cells if s.noe == 1 and (s.label, s.budget, s.method, s.net) == (c.label, c.budget, c.method, c.net)), None)
+
+
+def mark(c: Cell, cells: list[Cell]) -> str:
+    """"▲" / "▼" when mixture ``c`` beats / trails its single expert by more than the seeds'
+    spread (:data:`MARK_RULE`), else ""."""
+    s = single_of(c, cells) if c.noe > 1 else None
+    if s is None or min(c.n, s.n) < 2:
+        return ""
+    diff, spread = c.mean - s.mean, math.hypot(c.std, s.std)
+    return "▲" if diff > spread else "▼" if diff < -spread else ""
+
+
+def _cell_text(c: Cell | None, cells: list[Cell]) -> str:
     if c is None:
         return "—"
     text = f"{c.mean:.2f} ± {c.std:.2f} (n={c.n})" if c.n > 1 else f"{c.mean:.2f} (n={c.n})"
+    text = f"{mark(c, cells)}{text}"
     return text + (f" (paper {c.paper:.2f})" if c.paper is not None else "")
 
 
@@ -104,7 +127,8 @@ def _grid(cells: list[Cell]) -> tuple[list[str], list[list[str]]]:
     index = {(c.method, c.net, c.budget, c.config): c for c in cells}
     header = ["Method", "Eval net"] + [f"b{b} {cfg}" for b, cfg in cols]
     body = [
-        [method.upper(), DISPLAY_NAMES.get(net, net)] + [_cell_text(index.get((method, net, b, cfg))) for b, cfg in cols]
+        [method.upper(), DISPLAY_NAMES.get(net, net)]
+        + [_cell_text(index.get((method, net, b, cfg)), cells) for b, cfg in cols]
         for method, net in _rows(cells)
     ]
     return header, body
@@ -116,7 +140,7 @@ def protocol_line(cells: list[Cell]) -> str:
     fusions = sorted({c.fusion for c in cells if c.noe > 1})
     fusion = f"fusion {'/'.join(fusions)} where NoE > 1 (none at NoE = 1)" if fusions else "single experts, no fusion"
     return (f"Protocol: {'; '.join(runs)}; {fusion}. "
-            "Accuracy (%) on the full real test set after the last epoch, mean ± std over seeds.")
+            "Accuracy (%) on the full real test set after the last epoch, mean ± std over seeds. " + MARK_RULE + ".")
 
 
 def render_markdown(cells: list[Cell]) -> str:
@@ -128,6 +152,39 @@ def render_markdown(cells: list[Cell]) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in body]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n\n" + protocol_line(cells) + "\n"
+
+
+def render_csv(cells: list[Cell]) -> str:
+    """Every cell as one CSV row (dataset, budget, config, method, net, mean, std, n, the single
+    expert's mean, the gain over it, the mark, the paper's value), for plots and spreadsheets."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["dataset", "budget", "config", "method", "net", "mean", "std", "n", "single_mean", "gain", "mark", "paper"])
+    for name in datasets(cells):
+        for c in sorted((c for c in cells if c.label == name), key=lambda c: (c.budget, -c.noe, c.method, c.net)):
+            s = single_of(c, cells) if c.noe > 1 else None
+            w.writerow([name, c.budget, c.config, c.method, c.net, f"{c.mean:.2f}", f"{c.std:.2f}", c.n,
+                        "" if s is None else f"{s.mean:.2f}", "" if s is None else f"{c.mean - s.mean:.2f}",
+                        mark(c, cells), "" if c.paper is None else f"{c.paper:.2f}"])
+    return buf.getvalue()
+
+
+def _tex(text: str) -> str:
+    return (text.replace("±", r"$\pm$").replace("▲", r"$\blacktriangle$").replace("▼", r"$\blacktriangledown$")
+            .replace("—", "--").replace("_", r"\_").replace("%", r"\%"))
+
+
+def render_latex(cells: list[Cell]) -> str:
+    """One LaTeX ``tabular`` per dataset (booktabs rules; the marks need amssymb)."""
+    parts = []
+    for name in datasets(cells):
+        header, body = _grid([c for c in cells if c.label == name])
+        lines = [f"% {name}", r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
+                 " & ".join(_tex(h) for h in header) + r" \\", r"\midrule"]
+        lines += [" & ".join(_tex(x) for x in row) + r" \\" for row in body]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n% " + _tex(protocol_line(cells)) + "\n"
 
 
 def render_tables(cells: list[Cell]) -> list[Table]:

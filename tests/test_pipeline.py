@@ -85,6 +85,9 @@ def test_repro_produces_every_stage_output(repo) -> None:
         assert (root / "metrics/evaluate/tiny/b4" / f"{name}.json").exists()
         assert not (root / "plots/distill/tiny/b4" / f"{name}.csv").exists()
     table = (root / "reports/table.md").read_text()
+    assert (root / "reports/table.csv").read_text().startswith("dataset,budget,config,method,net,mean")
+    assert r"\begin{tabular}" in (root / "reports/table.tex").read_text()
+    assert (root / "reports/table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| DM | ConvNet-3 |" in table and "| RANDOM | ConvNet-3 |" in table and "b4 2x2" in table and "b4 4x1" in table
     # MTT: teachers of both shards (2 epochs = max_start_epoch + expert_epochs), its set, its evaluation
     assert (root / "data/tiny/trajectories/noe2/meta.json").exists()

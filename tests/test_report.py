@@ -29,3 +29,39 @@ def test_dataset_labels_are_metric_key_safe() -> None:
     assert dataset_label("a/b:c?", None) == "a_b_c_"
     assert dataset_label("///", None) == "___"
     assert dataset_label("", None) == "custom"
+
+
+def test_a_mixture_is_marked_only_beyond_the_seeds_spread() -> None:
+    from moedd.report import mark, render_csv, render_latex, render_markdown
+
+    single = _cell(10, 1, 47.5)  # std 0.5 over 3 seeds
+    cells = [single, _cell(5, 2, 49.0), _cell(5, 2, 47.9, "vgg11"), _cell(10, 1, 47.5, "vgg11"),
+             _cell(5, 2, 46.0, "resnet18"), _cell(10, 1, 47.5, "resnet18")]
+    spread = (0.5**2 + 0.5**2) ** 0.5  # 0.71
+    assert 49.0 - 47.5 > spread and mark(cells[1], cells) == "▲"
+    assert abs(47.9 - 47.5) < spread and mark(cells[2], cells) == ""
+    assert 46.0 - 47.5 < -spread and mark(cells[4], cells) == "▼"
+    assert mark(single, cells) == ""  # a single expert is the reference, never marked
+    one_seed = [Cell("dm", "convnet3", 10, 5, 2, 49.0, 0.0, 1, "mixup", 300, "c10", "cifar10"), single]
+    assert mark(one_seed[0], one_seed) == ""  # one seed has no spread: no claim
+    md = render_markdown(cells)
+    assert "▲49.00 ± 0.50 (n=3)" in md and "▼46.00" in md and "sqrt(std_mix² + std_single²)" in md
+    assert "| — |" in md  # the paper's b20 columns are empty here
+    rows = render_csv(cells).splitlines()
+    assert rows[0].startswith("dataset,budget,config,method,net,mean,std,n,single_mean,gain,mark,paper")
+    assert "cifar10,10,5x2,dm,convnet3,49.00,0.50,3,47.50,1.50,▲," in rows
+    tex = render_latex(cells)
+    assert r"\begin{tabular}" in tex and r"$\blacktriangle$49.00 $\pm$ 0.50" in tex and "\\end{tabular}" in tex
+
+
+def test_the_figure_draws_every_panel(tmp_path) -> None:
+    """One panel per (dataset, budget): a real PNG of the expected height (3.2 in per panel)."""
+    from PIL import Image
+
+    from moedd.report_figure import render_figure
+
+    cells = [_cell(5, 2, 49.0), _cell(10, 1, 47.5), _cell(5, 2, 30.0, paper=None, name="pets"),
+             Cell("dm", "convnet3", 20, 10, 2, 55.0, 0.4, 3, "mixup", 300, "c10", "cifar10")]
+    render_figure(cells, tmp_path / "t.png")
+    with Image.open(tmp_path / "t.png") as img:
+        assert img.format == "PNG" and img.height == round(3 * 3.2 * 110)  # cifar10 b10, cifar10 b20, pets b10
