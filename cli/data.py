@@ -27,6 +27,7 @@ def prepare(
 ) -> None:
     """Read the dataset from its source and store it as uint8 tensors with a digest."""
     from moedd.data import load_source, save_prepared
+    from moedd.data.transform import reshape_dataset
     from moedd.params import dataset_data
 
     params = _params(params_path, sets, **{"data.source": source, "data.root": root})
@@ -36,7 +37,8 @@ def prepare(
     raw = load_source(data.source, data.root, data.download)
     if dataset is not None:  # the grid's name for it: run names, tags and metric keys use it (not in the digest)
         raw = dataclasses.replace(raw, name=dataset)
-    prep = save_prepared(raw, out)
+    prep = save_prepared(reshape_dataset(raw, data.image_size, data.channels), out,
+                         {"image_size": data.image_size, "channels": data.channels})
     console.log(
         f"prepared {prep.name} from {data.source} {data.root}: "
         f"{len(prep.train_labels)} train / {len(prep.test_labels)} test images, "

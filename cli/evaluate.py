@@ -36,7 +36,7 @@ def evaluate(
     from moedd.data import load_prepared
     from moedd.device import resolve_device
     from moedd.evaluate import EvaluationCheckpoints, fusion_effective
-    from moedd.synthetic import check_matches, load_synthetic
+    from moedd.synthetic import load_synthetic
     from moedd.tracking import EvaluationRuns, cell_tags, stage_run
 
     params = _params(params_path, sets, **{
@@ -44,7 +44,7 @@ def evaluate(
         "evaluate.epochs": epochs, "fusion.kind": fusion, "evaluate.device": device,
     })
     syn, prep, dev = load_synthetic(synthetic), load_prepared(prepared), resolve_device(params.evaluate.device)
-    check_matches(syn, prep.classes, prep.image_shape, prep.digest)
+    _check(syn, prep, params)
     m, cfg, fused = syn.meta, params.evaluate, fusion_effective(syn, params.fusion)
     protocol = _protocol(m, params, fused)
     cell = cell_tags(m.method, m.budget, m.ipc, m.noe, prep.name, prep.paper)
@@ -65,6 +65,16 @@ def evaluate(
         _write_json(metrics, out := _summary(syn, prep, cfg, fused, results))
         store.clear()  # the cell is done and its metrics are kept
     _say(out)
+
+
+def _check(syn: Any, prep: Any, params: Any) -> None:
+    """Before any tracking or training: the set fits the data, every network fits the images."""
+    from moedd.evaluate import check_nets_fit
+    from moedd.synthetic import check_matches
+
+    check_matches(syn, prep.classes, prep.image_shape, prep.digest)
+    for note in check_nets_fit(params.evaluate.nets, prep.num_classes, prep.image_shape):
+        console.print(f"note: {note}", soft_wrap=True)
 
 
 def _log_inputs(synthetic: Path, prepared: Path, syn: Any, prep: Any) -> None:

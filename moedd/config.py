@@ -58,6 +58,10 @@ class DataConfig(Section):
     """Download directory for torchvision sources; the folder holding train/ and test/ for imagefolder."""
     download: bool = True
     """Let torchvision download CIFAR when it is not in ``root`` yet."""
+    image_size: int | None = Field(None, ge=4)
+    """Resize every image to this side at prepare time (None: as read; ``moedd.data.transform``)."""
+    channels: Literal["keep", "rgb", "gray"] = "keep"
+    """Convert images to gray (BT.601 luma) or to RGB at prepare time; ``keep`` leaves them as read."""
 
     @field_validator("source")
     @classmethod
@@ -74,6 +78,8 @@ class DatasetEntry(Section):
     source: str | None = None
     root: str | None = None
     download: bool | None = None
+    image_size: int | None = None
+    channels: Literal["keep", "rgb", "gray"] | None = None
 
 
 class PartitionConfig(Section):

@@ -4,7 +4,8 @@ Layout of a prepared directory (a DVC output)::
 
     train.pt   {"images": uint8 (N,C,H,W), "labels": int64 (N,)}
     test.pt    same for the test split
-    meta.json  name, classes, shape, per-channel mean/std of the training images, digest, and
+    meta.json  name, classes, shape, per-channel mean/std of the training images, digest, the
+               transform applied at prepare (image_size, channels), and
                paper_dataset: which of the paper's datasets this is (cifar10, cifar100) or null
                (``moedd.data.identity``): presets, the report and metric keys go by it
 
@@ -68,8 +69,9 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
     return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
 
 
-def save_prepared(ds: RawDataset, out_dir: str | Path) -> Prepared:
-    """Write ``ds`` as the prepared store ``out_dir`` and return it.
+def save_prepared(ds: RawDataset, out_dir: str | Path, transform: dict | None = None) -> Prepared:
+    """Write ``ds`` as the prepared store ``out_dir`` and return it; ``transform`` (image_size,
+    channels: what ``moedd.data.transform`` did to the images read) is recorded beside the digest.
 
     The directory is replaced as a whole and atomically (``moedd._atomic.atomic_dir``): a kill
     while saving leaves the previous store, never a train.pt of one dataset beside the meta.json
@@ -83,6 +85,7 @@ def save_prepared(ds: RawDataset, out_dir: str | Path) -> Prepared:
         "name": ds.name, "classes": ds.classes, "shape": list(ds.train.images.shape[1:]),
         "num_train": len(ds.train.labels), "num_test": len(ds.test.labels),
         "mean": mean, "std": std, "digest": digest, "paper_dataset": paper,
+        "transform": transform or {"image_size": None, "channels": "keep"},
     }
     with atomic_dir(out_dir) as out:
         torch.save({"images": ds.train.images, "labels": ds.train.labels}, out / "train.pt")
