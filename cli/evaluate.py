@@ -89,7 +89,8 @@ def _log_inputs(synthetic: Path, prepared: Path, syn: Any, prep: Any) -> None:
 def _say(out: dict[str, Any]) -> None:
     """One console line per network: mean ± std."""
     for net, r in out["nets"].items():
-        console.log(f"{DISPLAY_NAMES.get(net, net):>10}: {r['mean']:.2f} ± {r['std']:.2f} %")
+        spread = f" ± {r['std']:.2f}" if len(r["accs"]) > 1 else ""  # one seed has no spread
+        console.log(f"{DISPLAY_NAMES.get(net, net):>10}: {r['mean']:.2f}{spread} % (n={len(r['accs'])})")
 
 
 def _protocol(m: Any, params: Any, fused: str) -> dict[str, Any]:
