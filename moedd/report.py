@@ -54,7 +54,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        """The data's name in metric keys (:func:`moedd.paper.dataset_label`)."""
+        """The data's name in metric keys (:func:`moedd.data.identity.dataset_label`)."""
         return dataset_label(self.name, next((k for k, v in PAPER_KEYS.items() if v == self.dataset), None))
 
     @property
@@ -88,7 +88,8 @@ def datasets(cells: list[Cell]) -> list[str]:
     return sorted({c.label for c in cells}, key=lambda d: (order.get(d, 2), d))
 
 
-def _rows(cells: list[Cell]) -> list[tuple[str, str]]:
+def row_keys(cells: list[Cell]) -> list[tuple[str, str]]:
+    """The (method, network) pairs of ``cells`` in table order."""
     keys = {(c.method, c.net) for c in cells}
     order = {m: i for i, m in enumerate(_METHOD_ORDER)}
     net_order = {n: i for i, n in enumerate(["convnet3", "vgg11", "resnet18", "alexnet"])}
@@ -129,7 +130,7 @@ def _grid(cells: list[Cell]) -> tuple[list[str], list[list[str]]]:
     body = [
         [method.upper(), DISPLAY_NAMES.get(net, net)]
         + [_cell_text(index.get((method, net, b, cfg)), cells) for b, cfg in cols]
-        for method, net in _rows(cells)
+        for method, net in row_keys(cells)
     ]
     return header, body
 
@@ -210,13 +211,12 @@ def run_metrics(cells: list[Cell]) -> dict[str, float]:
     ``<dataset>`` is the cell's :attr:`Cell.label` (``cifar10``, ``cifar100``, else the prepared
     dataset's name)."""
     out: dict[str, float] = {}
-    single = {(c.label, c.budget, c.method, c.net): c for c in cells if c.noe == 1}
     for c in cells:
         where = f"{c.label}/b{c.budget}/{c.config}/{c.method}/{c.net}"
         out[f"acc/{where}"] = c.mean
         out[f"acc_std/{where}"] = c.std
-        base = single.get((c.label, c.budget, c.method, c.net))
-        if c.noe > 1 and base is not None:
+        base = single_of(c, cells) if c.noe > 1 else None
+        if base is not None:
             out[f"gain/{where}"] = round(c.mean - base.mean, 4)
     return out
 

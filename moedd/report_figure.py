@@ -12,16 +12,10 @@ from pathlib import Path
 
 from moedd._atomic import atomic_file
 from moedd.nets import DISPLAY_NAMES
-from moedd.report import Cell, datasets
+from moedd.report import Cell, datasets, row_keys
 
 _BARS = [("mixture", "#1f77b4", ""), ("single", "#ff7f0e", ""), ("paper mixture", "#1f77b4", "//"),
          ("paper single", "#ff7f0e", "//")]
-
-
-def _groups(cells: list[Cell]) -> list[tuple[str, str]]:
-    order = {m: i for i, m in enumerate(["random", "herding", "dm", "idm", "idc", "mtt"])}
-    nets = {n: i for i, n in enumerate(["convnet3", "vgg11", "resnet18", "alexnet"])}
-    return sorted({(c.method, c.net) for c in cells}, key=lambda k: (order.get(k[0], 99), k[0], nets.get(k[1], 99), k[1]))
 
 
 def _values(cells: list[Cell], method: str, net: str) -> list[tuple[float | None, float]]:
@@ -42,11 +36,11 @@ def render_figure(cells: list[Cell], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(d, b) for d in datasets(cells) for b in sorted({c.budget for c in cells if c.label == d})]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.6 * max(len(_groups(cells)), 1) + 2), 3.2 * len(panels)),
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.6 * max(len(row_keys(cells)), 1) + 2), 3.2 * len(panels)),
                              squeeze=False)
     for ax, (name, budget) in zip(axes[:, 0], panels, strict=True):
         here = [c for c in cells if c.label == name and c.budget == budget]
-        groups = _groups(here)
+        groups = row_keys(here)
         width, shown = 0.2, set()
         for g, (method, net) in enumerate(groups):
             for k, ((mean, std), (label, colour, hatch)) in enumerate(zip(_values(here, method, net), _BARS, strict=True)):

@@ -181,17 +181,6 @@ def stage_run(params: Params, run_name: str, stage_params: dict[str, Any], tags:
         yield run
 
 
-@contextlib.contextmanager
-def child_run(run_name: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """A child of the active run (one per expert or per evaluated network)."""
-    import mlflow
-
-    with mlflow.start_run(run_name=run_name, nested=True, tags=tags) as run:
-        if params:
-            mlflow.log_params(params)
-        yield run
-
-
 def dvc_md5(path: str | Path, lock_file: str | Path = "dvc.lock") -> str | None:
     """The md5 DVC recorded for ``path`` (an out of any stage) in dvc.lock, if any."""
     lock = Path(lock_file)

@@ -121,8 +121,8 @@ def test_every_dvc_stage_param_exists_in_params_yaml() -> None:
         for entry in body.get("params", []):
             names = [entry]
             for var, values in items.items():
-                names = [n.replace(var, v) for n in names for v in (values if var in n else [None])] \
-                    if var in entry else names
+                if var in entry:
+                    names = [n.replace(var, v) for n in names for v in values]
             assert names and all("${" not in n for n in names), entry
             for name in names:
                 assert name in keys, f"dvc.yaml param {name} is not in params.yaml"
