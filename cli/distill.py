@@ -92,6 +92,7 @@ def _run_distill(
     device, part_file, prep, part, traj, plan = _inputs(params, expert, noe, prepared, partition_path, trajectories_path)
     target = out or Path(f"data/synthetic/{expert}-noe{noe}")
     stage_params = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget, "device": str(device),
+                    "scale": params.scale,
                     **flatten(params.distill, "distill."), **flatten(plan.config, f"experts.{expert}."),
                     "preset": plan.preset_label}
     cell = cell_tags(expert, params.distill.budget, ipc, noe, prep.name, prep.paper)
@@ -103,7 +104,7 @@ def _run_distill(
             result = _optimise(params, plan, prep, part, device, checkpoint_dir, traj, runs)
             written = save_synthetic(target, list(result.images), [result.labels] * noe, result.metas, result.zca)
             runs.finish(result.images, result.metas, result.zca)
-        summary = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget,
+        summary = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget, "scale": params.scale,
                    "iterations": plan.iterations, "seconds": round(result.seconds, 2),
                    "resumed_from": result.resumed_from}
         if result.history:

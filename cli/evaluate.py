@@ -62,7 +62,7 @@ def evaluate(
                             DISPLAY_NAMES) as runs:
             results = _train(syn, prep, params, dev, store, runs)
             runs.finish(results)
-        _write_json(metrics, out := _summary(syn, prep, cfg, fused, results))
+        _write_json(metrics, out := _summary(syn, prep, params, fused, results))
         store.clear()  # the cell is done and its metrics are kept
     _say(out)
 
@@ -96,18 +96,22 @@ def _say(out: dict[str, Any]) -> None:
 def _protocol(m: Any, params: Any, fused: str) -> dict[str, Any]:
     """The evaluation protocol as the stage run's params: settings, fusion, lr used, decoding."""
     cfg = params.evaluate
-    return {**flatten(cfg, "evaluate."), **flatten(params.fusion, "fusion."), "fusion.effective": fused,
+    return {**flatten(cfg, "evaluate."), **flatten(params.fusion, "fusion."), "fusion.effective": fused, "scale": params.scale,
             "lr_used": m.learned_lr if m.learned_lr is not None else cfg.lr, "decoding": m.decoding}
 
 
-def _summary(syn: Any, prep: Any, cfg: Any, fused: str, results: dict[str, Any]) -> dict[str, Any]:
-    """The cell's metrics JSON (what `moedd report` reads)."""
+def _summary(syn: Any, prep: Any, params: Any, fused: str, results: dict[str, Any]) -> dict[str, Any]:
+    """The cell's metrics JSON (what `moedd report` reads): the cell, its ablation settings (the
+    diversity term of its distillation, the fusion of its evaluation), its scale and accuracies."""
     from moedd.data.identity import PAPER_KEYS
 
-    m = syn.meta
+    m, cfg = syn.meta, params.evaluate
+    distill = m.config.get("distill", {})
     return {"method": m.method, "noe": m.noe, "ipc": m.ipc, "budget": m.budget, "dataset": prep.name,
             "classes": len(prep.classes), "paper_dataset": PAPER_KEYS.get(prep.paper or ""),
-            "fusion": fused, "epochs": cfg.epochs, "seeds": cfg.seeds,
+            "fusion": fused, "epochs": cfg.epochs, "seeds": cfg.seeds, "scale": params.scale,
+            "distill_scale": m.config.get("scale", "paper"), "dcor_weight": distill.get("dcor_weight"),
+            "dcor_estimator": distill.get("dcor_estimator", "v_statistic"),
             "nets": {net: {"mean": round(100 * r.mean, 2), "std": round(100 * r.std, 2),
                            "accs": [round(100 * a, 2) for a in r.accs]} for net, r in results.items()}}
 

@@ -153,6 +153,10 @@ class DistillConfig(Section):
     """The network whose features/gradients the experts match (ConvNet-3 in every paper here)."""
     dcor_weight: float = Field(0.1, ge=0.0)
     """λ of the distance-correlation diversity term between experts; 0 turns it off. [INFERRED]"""
+    dcor_estimator: Literal["bias_corrected", "v_statistic"] = "bias_corrected"
+    """Which dCor² the diversity term minimises (``moedd.moe.dcor``): the bias-corrected one (needs
+    >= 4 images per class per expert) or Zhen et al.'s V-statistic, which saturates near 1 at
+    MoE-DD's few images per class. [INFERRED]"""
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
 
@@ -295,6 +299,15 @@ def check_budget(budget: int, noe: int) -> int:
     if budget % noe:
         raise ConfigError(f"budget {budget} images/class is not divisible by NoE={noe}")
     return budget // noe
+
+
+def check_dcor_rows(distill: DistillConfig, ipc: int, noe: int) -> None:
+    """Refuse, in one line, a diversity term its estimator cannot compute: the bias-corrected dCor²
+    needs >= 4 images per class per expert (``moedd.moe.dcor.MIN_ROWS_BIAS_CORRECTED``)."""
+    if noe > 1 and distill.dcor_weight > 0 and distill.dcor_estimator == "bias_corrected" and ipc < 4:
+        raise ConfigError(
+            f"{ipc}x{noe}: the bias-corrected dCor needs >= 4 images per class per expert, not {ipc}; "
+            "set distill.dcor_estimator=v_statistic or distill.dcor_weight=0")
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor
 from pydantic import BaseModel
 
 from moedd._atomic import save_torch
-from moedd.config import ConfigError, check_budget
+from moedd.config import ConfigError, check_budget, check_dcor_rows
 from moedd.data import Partition, Prepared, check_ipc_fits
 from moedd.experts import EXPERTS, DistillContext, ExpertMethod, RunSpec
 from moedd.params import Params, PresetChoice, method_config
@@ -88,6 +88,8 @@ def plan_run(name: str, params: Params, prepared: Prepared, partition: Partition
     if partition.data_digest and partition.data_digest != prepared.digest:
         raise ConfigError("the partition was made from other data (digest differs); rerun `moedd partition`")
     check_ipc_fits(partition, prepared.train_labels, prepared.num_classes, ipc)
+    if cls.optimises:
+        check_dcor_rows(params.distill, ipc, partition.noe)
     cfg, preset = method_config(params, name, ipc, prepared.paper)  # a bad preset choice fails here
     if trajectories is not None:
         meta = trajectories.meta
@@ -112,7 +114,8 @@ def build_method(name: str, params: Params, prepared: Prepared, partition: Parti
         shard_images=[images[s.to(device)] for s in partition.shards],
         shard_labels=[labels[s.to(device)] for s in partition.shards],
         num_classes=prepared.num_classes, ipc=plan.ipc, mean=prepared.mean, std=prepared.std,
-        device=device, net=params.distill.net, dcor_weight=params.distill.dcor_weight, seed=params.distill.seed,
+        device=device, net=params.distill.net, dcor_weight=params.distill.dcor_weight,
+        dcor_estimator=params.distill.dcor_estimator, seed=params.distill.seed,
         trajectories=trajectories,
     )
     return EXPERTS.get(name)(plan.config, ctx)
@@ -242,7 +245,7 @@ def run_distillation(
             shard_size=len(partition.shards[k]), seed=params.distill.seed, iterations=method.iterations,
             net=params.distill.net, git_commit=git_commit, zca_digest=zca.digest if zca is not None else "",
             config={"distill": params.distill.model_dump(), name: plan.config.model_dump(),
-                    "preset": plan.preset_label},
+                    "preset": plan.preset_label, "scale": params.scale},
         )
         for k in range(partition.noe)
     ]

@@ -18,8 +18,8 @@ its table with ``preset``: ``auto`` (the rows of the dataset the prepared store 
 other data gets the config class's defaults, which are the CIFAR-10 IPC 10 settings), a
 dataset name (e.g. ``cifar10`` to use CIFAR-10's rows on other data), or ``none``. The row used is the one
 for the run's IPC *per expert* (the nearest IPC when the table has no row for it; ties go to the
-larger IPC). Precedence, lowest first: the class defaults, the preset row, the keys written in the
-method's own section of params.yaml or given with ``-S``. So ``-S experts.idm.ce_weight=0.1``
+larger IPC). Precedence, lowest first: the class defaults, the run scale (``moedd.scale``), the
+preset row, the keys written in the method's own section of params.yaml or given with ``-S``. So ``-S experts.idm.ce_weight=0.1``
 always wins, and a section that lists only ``preset`` and ``iterations`` gets everything else
 from the row. Every row is validated against the method's config class when params are loaded,
 so a bad preset (unknown key, invalid value, a method that has no presets) fails before any work.
@@ -31,13 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError, create_model, model_validator
+from pydantic import BaseModel, PrivateAttr, ValidationError, create_model, model_validator
 
 from moedd.config import (
     ConfigError, DataConfig, DatasetEntry, DistillConfig, EvaluateConfig, FusionConfig, GridConfig, MlflowConfig,
-    PartitionConfig, Section, TrajectoriesConfig, check_budget, read_params_file, set_dotted,
+    PartitionConfig, Section, TrajectoriesConfig, check_budget, check_dcor_rows, read_params_file, set_dotted,
 )
 from moedd.experts import EXPERTS
+from moedd.scale import Scale, apply_scale
 
 
 class _ExpertsBase(Section):
@@ -66,6 +67,8 @@ _GRID_PLACE = {
 class Params(Section):
     """All of params.yaml."""
 
+    scale: Scale = "paper"
+    """How big every method and stage runs (``moedd.scale``): paper | cpu | smoke."""
     data: DataConfig = DataConfig()
     datasets: dict[str, DatasetEntry] = {"cifar10": DatasetEntry(source="cifar10"), "cifar100": DatasetEntry(source="cifar100")}
     """Named datasets of the grid: each sets some keys of ``data`` (:func:`dataset_data`)."""
@@ -79,6 +82,8 @@ class Params(Section):
     fusion: FusionConfig = FusionConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    _scale_keys: frozenset[str] = PrivateAttr(default=frozenset())
+    """Dotted keys that the scale filled (not written in params.yaml or -S): a preset row wins over them."""
 
     @model_validator(mode="after")
     def _grid_consistent(self) -> "Params":
@@ -89,6 +94,10 @@ class Params(Section):
         for noe in [*self.grid.noe, *self.grid.mtt_noe]:
             for budget in dict.fromkeys([self.distill.budget, *self.grid.budgets]):
                 check_budget(budget, noe)
+        if self.grid.experts or self.grid.mtt_noe:  # methods with a diversity term in the grid
+            for noe in [*self.grid.noe, *self.grid.mtt_noe]:
+                for budget in self.grid.budgets:
+                    check_dcor_rows(self.distill, budget // noe, noe)
         for name in self.grid.datasets:
             if name not in self.datasets:
                 raise ValueError(f"grid.datasets lists {name!r}, which `datasets` does not define "
@@ -125,7 +134,10 @@ def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, An
         if value is not None:
             set_dotted(tree, key, value)
     try:
-        return Params.model_validate(tree)
+        scaled = apply_scale(tree)
+        params = Params.model_validate(tree)
+        params._scale_keys = scaled
+        return params
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "params"
@@ -226,8 +238,9 @@ def method_config(params: Params, method: str, ipc: int, paper: str | None = Non
     if not rows:
         raise ConfigError(f"presets.{method}.{dataset} has no rows")
     row_ipc = min(rows, key=lambda r: (abs(r - ipc), -r))
-    explicit: dict[str, Any] = cfg.model_dump(include=cfg.model_fields_set)
-    merged = {**rows[row_ipc], **explicit}
+    scaled = {k for k in cfg.model_fields_set if f"experts.{method}.{k}" in params._scale_keys}
+    explicit: dict[str, Any] = cfg.model_dump(include=cfg.model_fields_set - scaled)
+    merged = {**cfg.model_dump(include=scaled), **rows[row_ipc], **explicit}
     try:
         resolved = type(cfg).model_validate(merged)
     except ValidationError as err:  # a row valid alone but invalid with the explicit keys

@@ -47,6 +47,10 @@ class Cell:
     """The paper's key of the data (``c10``, ``c100``), None for other data."""
     name: str = "custom"
     """The prepared dataset's own name."""
+    scale: str = "paper"
+    """The run scale of the cell's distillation and evaluation (``moedd.scale``; "a/b" when they differ)."""
+    variant: str = ""
+    """The ablation the cell belongs to (:func:`variant_of`); "" for the default method."""
 
     @property
     def config(self) -> str:
@@ -59,7 +63,52 @@ class Cell:
 
     @property
     def paper(self) -> float | None:
+        if self.variant:  # the paper's numbers are for its default method only
+            return None
         return paper_value(self.method, self.net, self.dataset, self.budget, self.ipc, self.noe)
+
+    @property
+    def row(self) -> tuple[str, str, str]:
+        """The table row of the cell: (method, variant, network)."""
+        return self.method, self.variant, self.net
+
+    @property
+    def method_key(self) -> str:
+        """Method and variant in metric keys: ``dm``, ``dm-dcor0``, ``dm-nofusion``."""
+        return self.method + "".join(f"-{slug}" for _, slug in _variant_parts(self.variant))
+
+
+ABLATIONS = (
+    ("λ=0", "dcor0", "no diversity term (distill.dcor_weight=0)"),
+    ("no fusion", "nofusion", "the experts' images pooled without mixup (fusion.kind=none)"),
+    ("V-statistic dCor", "vstat", "Zhen et al.'s V-statistic dCor² (distill.dcor_estimator=v_statistic)"),
+)
+"""The ablation variants the report names: (label, metric-key slug, what it is)."""
+_DEFAULT_DCOR_WEIGHT = 0.1
+
+
+def variant_of(d: dict) -> str:
+    """The ablation variant of an evaluate metrics file: its deviations from the default MoE-DD
+    (diversity term on with λ = 0.1 and the bias-corrected dCor², mixup fusion), joined by ", ";
+    "" for the default. A single expert (NoE 1) has neither term nor fusion: always ""."""
+    if int(d.get("noe", 1)) < 2:
+        return ""
+    parts = []
+    weight = d.get("dcor_weight")
+    if weight is not None and float(weight) == 0:
+        parts.append("λ=0")
+    elif weight is not None and float(weight) != _DEFAULT_DCOR_WEIGHT:
+        parts.append(f"λ={float(weight):g}")
+    if d.get("dcor_estimator", "bias_corrected") == "v_statistic" and weight != 0:
+        parts.append("V-statistic dCor")
+    if d.get("fusion") == "none":
+        parts.append("no fusion")
+    return ", ".join(parts)
+
+
+def _variant_parts(variant: str) -> list[tuple[str, str]]:
+    slugs = {label: slug for label, slug, _ in ABLATIONS}
+    return [(p, slugs.get(p) or p.replace("λ=", "dcor").replace(".", "p")) for p in variant.split(", ") if p]
 
 
 def collect(paths: list[Path]) -> list[Cell]:
@@ -70,8 +119,14 @@ def collect(paths: list[Path]) -> list[Cell]:
         for net, r in d.get("nets", {}).items():
             cells.append(Cell(d["method"], net, int(d["budget"]), int(d["ipc"]), int(d["noe"]), float(r["mean"]),
                               float(r["std"]), len(r.get("accs", [])), d.get("fusion", "?"), int(d.get("epochs", 0)),
-                              d.get("paper_dataset"), d.get("dataset") or "custom"))
+                              d.get("paper_dataset"), d.get("dataset") or "custom", _scale(d), variant_of(d)))
     return cells
+
+
+def _scale(d: dict) -> str:
+    """The scale of a metrics file: its evaluation's, with the distillation's when that differs."""
+    ev, di = d.get("scale", "paper"), d.get("distill_scale", d.get("scale", "paper"))
+    return ev if ev == di else f"{di}/{ev}"
 
 
 def _columns(cells: list[Cell]) -> list[tuple[int, str]]:
@@ -88,12 +143,18 @@ def datasets(cells: list[Cell]) -> list[str]:
     return sorted({c.label for c in cells}, key=lambda d: (order.get(d, 2), d))
 
 
-def row_keys(cells: list[Cell]) -> list[tuple[str, str]]:
-    """The (method, network) pairs of ``cells`` in table order."""
-    keys = {(c.method, c.net) for c in cells}
+def row_keys(cells: list[Cell]) -> list[tuple[str, str, str]]:
+    """The rows (method, variant, network) of ``cells`` in table order: a method's default rows,
+    then each of its ablation variants."""
+    keys = {c.row for c in cells}
     order = {m: i for i, m in enumerate(_METHOD_ORDER)}
     net_order = {n: i for i, n in enumerate(["convnet3", "vgg11", "resnet18", "alexnet"])}
-    return sorted(keys, key=lambda k: (order.get(k[0], 99), k[0], net_order.get(k[1], 99), k[1]))
+    return sorted(keys, key=lambda k: (order.get(k[0], 99), k[0], k[1], net_order.get(k[2], 99), k[2]))
+
+
+def row_label(method: str, variant: str) -> str:
+    """How the table names a method row: ``DM``, ``DM (λ=0)``."""
+    return method.upper() + (f" ({variant})" if variant else "")
 
 
 MARK_RULE = ("▲ / ▼: the mixture beats / trails the single expert of the same budget, method and network by "
@@ -101,7 +162,8 @@ MARK_RULE = ("▲ / ▼: the mixture beats / trails the single expert of the sam
 
 
 def single_of(c: Cell, cells: list[Cell]) -> Cell | None:
-    """The single-expert cell (NoE 1, IPC = budget) of mixture ``c``'s dataset, budget, method and network."""
+    """The single-expert cell (NoE 1, IPC = budget) of mixture ``c``'s dataset, budget, method and
+    network (every variant of the mixture is compared with the same single expert)."""
     return next((s for s in cells if s.noe == 1 and (s.label, s.budget, s.method, s.net) == (c.label, c.budget, c.method, c.net)), None)
 
 
@@ -125,12 +187,12 @@ def _cell_text(c: Cell | None, cells: list[Cell]) -> str:
 
 def _grid(cells: list[Cell]) -> tuple[list[str], list[list[str]]]:
     cols = _columns(cells)
-    index = {(c.method, c.net, c.budget, c.config): c for c in cells}
+    index = {(c.row, c.budget, c.config): c for c in cells}
     header = ["Method", "Eval net"] + [f"b{b} {cfg}" for b, cfg in cols]
     body = [
-        [method.upper(), DISPLAY_NAMES.get(net, net)]
-        + [_cell_text(index.get((method, net, b, cfg)), cells) for b, cfg in cols]
-        for method, net in row_keys(cells)
+        [row_label(method, variant), DISPLAY_NAMES.get(net, net)]
+        + [_cell_text(index.get(((method, variant, net), b, cfg)), cells) for b, cfg in cols]
+        for method, variant, net in row_keys(cells)
     ]
     return header, body
 
@@ -138,10 +200,14 @@ def _grid(cells: list[Cell]) -> tuple[list[str], list[list[str]]]:
 def protocol_line(cells: list[Cell]) -> str:
     """One line naming the protocol(s) of the runs in the table."""
     runs = sorted({f"{c.epochs} epochs x {c.n} seeds" for c in cells})
+    scales = sorted({c.scale for c in cells})
     fusions = sorted({c.fusion for c in cells if c.noe > 1})
     fusion = f"fusion {'/'.join(fusions)} where NoE > 1 (none at NoE = 1)" if fusions else "single experts, no fusion"
-    return (f"Protocol: {'; '.join(runs)}; {fusion}. "
-            "Accuracy (%) on the full real test set after the last epoch, mean ± std over seeds. " + MARK_RULE + ".")
+    named = [f"{label} = {what}" for label, _, what in ABLATIONS if any(label in c.variant.split(", ") for c in cells)]
+    ablations = f" Ablations: {'; '.join(named)}." if named else ""
+    return (f"Scale: {', '.join(scales)}. Protocol: {'; '.join(runs)}; {fusion}. "
+            "Accuracy (%) on the full real test set after the last epoch, mean ± std over seeds. " + MARK_RULE + "."
+            + ablations)
 
 
 def render_markdown(cells: list[Cell]) -> str:
@@ -160,13 +226,14 @@ def render_csv(cells: list[Cell]) -> str:
     expert's mean, the gain over it, the mark, the paper's value), for plots and spreadsheets."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["dataset", "budget", "config", "method", "net", "mean", "std", "n", "single_mean", "gain", "mark", "paper"])
+    w.writerow(["dataset", "budget", "config", "method", "net", "mean", "std", "n", "single_mean", "gain", "mark", "paper",
+                "variant"])
     for name in datasets(cells):
-        for c in sorted((c for c in cells if c.label == name), key=lambda c: (c.budget, -c.noe, c.method, c.net)):
+        for c in sorted((c for c in cells if c.label == name), key=lambda c: (c.budget, -c.noe, c.method, c.variant, c.net)):
             s = single_of(c, cells) if c.noe > 1 else None
             w.writerow([name, c.budget, c.config, c.method, c.net, f"{c.mean:.2f}", f"{c.std:.2f}", c.n,
                         "" if s is None else f"{s.mean:.2f}", "" if s is None else f"{c.mean - s.mean:.2f}",
-                        mark(c, cells), "" if c.paper is None else f"{c.paper:.2f}"])
+                        mark(c, cells), "" if c.paper is None else f"{c.paper:.2f}", c.variant])
     return buf.getvalue()
 
 
@@ -207,12 +274,13 @@ def run_metrics(cells: list[Cell]) -> dict[str, float]:
     by side in the runs table and the chart view: ``acc/<dataset>/b<budget>/<IPC>x<NoE>/<method>/<net>``
     (mean, percent), ``acc_std/...`` (std over seeds) and, for every mixture (NoE > 1) with a
     single-expert cell of the same dataset, budget, method and network,
-    ``gain/<dataset>/b<budget>/<IPC>x<NoE>/<method>/<net>`` = mixture mean − single mean.
+    ``gain/<dataset>/b<budget>/<IPC>x<NoE>/<method>/<net>`` = mixture mean − single mean. An
+    ablation variant's ``<method>`` carries its slugs (:attr:`Cell.method_key`: ``dm-dcor0``).
     ``<dataset>`` is the cell's :attr:`Cell.label` (``cifar10``, ``cifar100``, else the prepared
     dataset's name)."""
     out: dict[str, float] = {}
     for c in cells:
-        where = f"{c.label}/b{c.budget}/{c.config}/{c.method}/{c.net}"
+        where = f"{c.label}/b{c.budget}/{c.config}/{c.method_key}/{c.net}"
         out[f"acc/{where}"] = c.mean
         out[f"acc_std/{where}"] = c.std
         base = single_of(c, cells) if c.noe > 1 else None

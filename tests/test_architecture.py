@@ -40,10 +40,11 @@ NOT_RESULTS = {
 }
 """Modules a stage imports that are deliberately NOT among its DVC deps, with the reason."""
 
-VALIDATION_ONLY = [("moedd.params", "moedd.experts")]
-"""Imports that only validate params: loading params.yaml validates every expert's section, so
-every command imports the expert registry, but a stage's result depends on an expert's module only
-when the command itself runs that expert (its own import of it is kept)."""
+VALIDATION_ONLY = [("moedd.params", "moedd.experts"), ("moedd.scale", "moedd.experts")]
+"""Imports that only validate or size params: loading params.yaml validates every expert's section
+and reads every expert's rows of the run scale, so every command imports the expert registry, but
+a stage's result depends on an expert's module only when the command itself runs that expert (its
+own import of it is kept)."""
 
 
 def _build_graph() -> grimp.ImportGraph:

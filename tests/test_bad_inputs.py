@@ -31,7 +31,7 @@ def _write_params(where: Path, folder: Path) -> Path:
     f = where / "params.yaml"
     f.write_text(yaml.safe_dump({
         "data": {"source": "imagefolder", "root": str(folder)},
-        "distill": {"budget": 4, "log_every": 1},
+        "distill": {"budget": 4, "log_every": 1, "dcor_estimator": "v_statistic"},
         "experts": {"dm": {"iterations": 2, "batch_real": 8}},
         "evaluate": {"nets": ["convnet3"], "seeds": [0], "epochs": 1, "test_batch_size": 64},
         "mlflow": {"tracking_uri": f"sqlite:///{where / 'mlflow.db'}"},

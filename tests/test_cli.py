@@ -18,7 +18,7 @@ def _params_file(tmp_path: Path, folder: Path, uri: str) -> Path:
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump({
         "data": {"source": "imagefolder", "root": str(folder)},
-        "distill": {"budget": 4, "log_every": 1},
+        "distill": {"budget": 8, "log_every": 1},  # IPC 4 x NoE 2: the default (bias-corrected) dCor runs
         "experts": {"dm": {"iterations": 2, "batch_real": 8}},
         "evaluate": {"nets": ["convnet3", "alexnet"], "seeds": [0, 1], "epochs": 2, "test_batch_size": 64},
         "mlflow": {"tracking_uri": uri},
@@ -42,14 +42,14 @@ def test_stage_commands_end_to_end(tiny_folder: Path, tmp_path: Path, mlflow_uri
     assert Path("data/partitions/noe2.pt").exists()
     _ok(["distill", "--expert", "dm", "--noe", "2", "--metrics", "m/d.json", "--plots", "p/d.csv"])
     summary = json.loads(Path("m/d.json").read_text())
-    assert summary["ipc"] == 2 and summary["noe"] == 2 and summary["iterations"] == 2
+    assert summary["ipc"] == 4 and summary["noe"] == 2 and summary["iterations"] == 2 and summary["dcor"] >= 0
     assert Path("p/d.csv").read_text().splitlines()[0] == "step,loss,match,dcor"
     _ok(["evaluate", "--synthetic", "data/synthetic/dm-noe2", "--metrics", "metrics/evaluate/dm-noe2.json"])
     ev = json.loads(Path("metrics/evaluate/dm-noe2.json").read_text())
     assert set(ev["nets"]) == {"convnet3", "alexnet"} and len(ev["nets"]["convnet3"]["accs"]) == 2
     assert ev["fusion"] == "mixup"
     out = _ok(["report", "--out", "reports/table.md"]).output
-    assert "ConvNet-3" in out and "2x2" in out
+    assert "ConvNet-3" in out and "4x2" in out
     assert "| DM | AlexNet |" in Path("reports/table.md").read_text()
     shown = _ok(["show", "data/synthetic/dm-noe2", "--out", "grids"]).output
     assert "expert-1.png" in shown and Path("grids/expert-0.png").stat().st_size > 0
@@ -57,22 +57,22 @@ def test_stage_commands_end_to_end(tiny_folder: Path, tmp_path: Path, mlflow_uri
     mlflow.set_tracking_uri(mlflow_uri)
     runs = mlflow.search_runs(experiment_names=["moedd"], output_format="list")
     names = {r.info.run_name for r in runs}
-    assert {"distill dm folder b4 2x2", "evaluate dm folder b4 2x2", "expert 0", "expert 1", "ConvNet-3", "AlexNet"} <= names
+    assert {"distill dm folder b8 4x2", "evaluate dm folder b8 4x2", "expert 0", "expert 1", "ConvNet-3", "AlexNet"} <= names
     parents = {r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags}
     assert len(parents) == 1  # one pipeline run holds everything
-    distill_run = next(r for r in runs if r.info.run_name == "distill dm folder b4 2x2")
+    distill_run = next(r for r in runs if r.info.run_name == "distill dm folder b8 4x2")
     assert distill_run.data.tags["mlflow.parentRunId"] in parents
-    assert "git_commit" in distill_run.data.tags and distill_run.data.params["ipc"] == "2"
+    assert "git_commit" in distill_run.data.tags and distill_run.data.params["ipc"] == "4"
     history = mlflow.MlflowClient().get_metric_history(distill_run.info.run_id, "loss")
     assert [m.step for m in history] == [0, 1]
     expert0 = next(r for r in runs if r.info.run_name == "expert 0")
     assert expert0.data.tags["mlflow.parentRunId"] == distill_run.info.run_id
     arts = [a.path for a in mlflow.MlflowClient().list_artifacts(expert0.info.run_id, "grids")]
     assert arts == ["grids/expert-0.png"]
-    evaluate_run = next(r for r in runs if r.info.run_name == "evaluate dm folder b4 2x2")
+    evaluate_run = next(r for r in runs if r.info.run_name == "evaluate dm folder b8 4x2")
     assert "acc_mean.convnet3" in evaluate_run.data.metrics
     assert evaluate_run.inputs.dataset_inputs  # lineage: synthetic set + prepared data
-    cell = {"dataset": "folder", "budget": "4", "config": "2x2", "method": "dm"}
+    cell = {"dataset": "folder", "budget": "8", "config": "4x2", "method": "dm"}
     assert cell.items() <= evaluate_run.data.tags.items() and cell.items() <= distill_run.data.tags.items()
     alexnet = next(r for r in runs if r.info.run_name == "AlexNet")
     assert alexnet.data.tags["mlflow.parentRunId"] == evaluate_run.info.run_id
@@ -165,7 +165,7 @@ def test_interrupted_distill_closes_its_mlflow_runs(tiny_folder: Path, tmp_path:
 
     mlflow.set_tracking_uri(mlflow_uri)
     runs = mlflow.search_runs(experiment_names=["moedd"], output_format="list")
-    stage = next(r for r in runs if r.info.run_name == "distill dm folder b4 2x2")
+    stage = next(r for r in runs if r.info.run_name == "distill dm folder b8 4x2")
     experts = [r for r in runs if r.info.run_name.startswith("expert ")]
     assert len(experts) == 2
     assert stage.info.status in {"KILLED", "FAILED"}

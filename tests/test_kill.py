@@ -104,7 +104,7 @@ def test_sigkilled_distill_resumes_to_the_uninterrupted_result(tiny_folder: Path
     from the checkpoint under DVC_ROOT (not the working copy) and ends with the images, loss curve
     and metrics of an uninterrupted run; the checkpoint and a killed write's temporary are gone."""
     work, root, env = _workspace(tmp_path, tiny_folder, {
-        "distill": {"budget": 4, "log_every": 1, "checkpoint_every": 1},
+        "distill": {"budget": 8, "log_every": 1, "checkpoint_every": 1},  # IPC 4: the default dCor
         "experts": {"dm": {"iterations": 16, "batch_real": 8}},
     })
     ckdir = root / ".moedd" / "checkpoints"
@@ -154,7 +154,7 @@ def test_sigkilled_trajectories_resume_to_the_uninterrupted_teachers(small_folde
     accuracies) and meta.json equal those of an uninterrupted run; the teacher cache under
     DVC_ROOT is emptied once the run is complete."""
     work, root, env = _workspace(tmp_path, small_folder, {
-        "distill": {"budget": 4}, "experts": {"mtt": {"preset": "none"}}, "trajectories": _TEACHERS,
+        "distill": {"budget": 4, "dcor_estimator": "v_statistic"}, "experts": {"mtt": {"preset": "none"}}, "trajectories": _TEACHERS,
     })
     out, cache = work / "data/trajectories/resumed", root / ".moedd/checkpoints/teachers"
 

@@ -28,7 +28,7 @@ def test_workers_starting_together_on_a_missing_store(tiny_folder: Path, tmp_pat
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
-        "data": {"source": "imagefolder", "root": str(tiny_folder)}, "distill": {"budget": 2},
+        "data": {"source": "imagefolder", "root": str(tiny_folder)}, "distill": {"budget": 2, "dcor_estimator": "v_statistic"},
     }))
     prepared = CliRunner().invoke(app, ["prepare", "--out", "data/prepared"])  # no MLflow: the store stays missing
     assert prepared.exit_code == 0, prepared.output

@@ -47,12 +47,12 @@ def _repo(tmp_path_factory: pytest.TempPathFactory, folders: dict[str, Path], bu
     params["datasets"] = {name: {"source": "imagefolder", "root": str(f), "download": False} for name, f in folders.items()}
     params["grid"] = {"datasets": list(folders), "budgets": budgets, "experts": ["dm"], "baselines": list(baselines),
                       "noe": [2, 1], "mtt_noe": list(mtt_noe)}
-    params["distill"].update({"budget": max(budgets), "log_every": 1, "checkpoint_every": 2})
-    params["experts"]["dm"].update({"iterations": 2, "batch_real": 8})
-    # MTT at toy size; ZCA off here (its 3072x3072 fit is tested on small images in test_mtt.py)
-    params["experts"]["mtt"].update({"iterations": 2, "syn_steps": 2, "max_start_epoch": 1, "expert_epochs": 1, "zca": False})
-    params["trajectories"].update({"num_teachers": 1, "batch_size": 16, "test_batch_size": 64})
-    params["evaluate"].update({"nets": ["convnet3"], "seeds": [0], "epochs": 2, "test_batch_size": 64})
+    params["scale"] = "smoke"  # every method and stage at its smoke sizes (moedd.scale)
+    params["distill"].update({"budget": max(budgets), "log_every": 1, "checkpoint_every": 2,
+                              "dcor_estimator": "v_statistic"})  # IPC 1 and 2 per expert here
+    params["experts"]["mtt"].update({"zca": False})  # its 3072x3072 fit is tested on small images in test_mtt.py
+    params["trajectories"].update({"batch_size": 16, "test_batch_size": 64})  # batches of the tiny shards
+    params["evaluate"].update({"test_batch_size": 64})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("/mlflow.db\n/mlflow.db.lock\n/mlartifacts/\n/.moedd/\n/storage/\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
@@ -89,7 +89,8 @@ def test_repro_produces_every_stage_output(repo) -> None:
     assert r"\begin{tabular}" in (root / "reports/table.tex").read_text()
     assert (root / "reports/table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| DM | ConvNet-3 |" in table and "| RANDOM | ConvNet-3 |" in table and "b4 2x2" in table and "b4 4x1" in table
-    # MTT: teachers of both shards (2 epochs = max_start_epoch + expert_epochs), its set, its evaluation
+    assert "Scale: smoke. Protocol: 2 epochs x 1 seeds" in table  # the scale is part of the protocol line
+    # MTT: teachers of both shards (3 epochs = the smoke max_start_epoch + expert_epochs), its set, its evaluation
     assert (root / "data/tiny/trajectories/noe2/meta.json").exists()
     assert (root / "data/tiny/trajectories/noe2/shard1/teacher000.pt").exists()
     assert (root / "data/tiny/synthetic/b4/mtt-noe2/expert-1.json").exists()
@@ -124,6 +125,8 @@ def test_mlflow_holds_the_runs_with_dvc_lineage(repo) -> None:
     distill = by_name["distill dm tiny b4 2x2"]
     assert distill.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert distill.data.tags["dvc.stage"] == "distill@tiny-4-dm-2"
+    assert distill.data.params["scale"] == by_name["evaluate dm tiny b4 2x2"].data.params["scale"] == "smoke"
+    assert parents[0].data.params["scale"] == "smoke"
     part_md5 = next(o["md5"] for o in lock["partition@tiny-2"]["outs"])
     assert distill.data.tags["lineage.partition.partition-noe2"] == part_md5
     evaluate = by_name["evaluate dm tiny b4 2x2"]

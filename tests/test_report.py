@@ -48,8 +48,8 @@ def test_a_mixture_is_marked_only_beyond_the_seeds_spread() -> None:
     assert "▲49.00 ± 0.50 (n=3)" in md and "▼46.00" in md and "sqrt(std_mix² + std_single²)" in md
     assert "| — |" in md  # the paper's b20 columns are empty here
     rows = render_csv(cells).splitlines()
-    assert rows[0].startswith("dataset,budget,config,method,net,mean,std,n,single_mean,gain,mark,paper")
-    assert "cifar10,10,5x2,dm,convnet3,49.00,0.50,3,47.50,1.50,▲," in rows
+    assert rows[0] == "dataset,budget,config,method,net,mean,std,n,single_mean,gain,mark,paper,variant"
+    assert "cifar10,10,5x2,dm,convnet3,49.00,0.50,3,47.50,1.50,▲,," in rows
     tex = render_latex(cells)
     assert r"\begin{tabular}" in tex and r"$\blacktriangle$49.00 $\pm$ 0.50" in tex and "\\end{tabular}" in tex
 
@@ -65,3 +65,41 @@ def test_the_figure_draws_every_panel(tmp_path) -> None:
     render_figure(cells, tmp_path / "t.png")
     with Image.open(tmp_path / "t.png") as img:
         assert img.format == "PNG" and img.height == round(3 * 3.2 * 110)  # cifar10 b10, cifar10 b20, pets b10
+
+
+def test_ablation_variants_get_their_own_rows_against_the_same_single_expert(tmp_path) -> None:
+    """A λ=0 run and a no-fusion evaluation of the same method and budget: rows of their own,
+    named in the protocol line, each compared with the one single expert; the default row keeps
+    the paper's value where it has one, a variant never does."""
+    import json
+
+    from moedd.report import collect, render_csv, render_markdown, run_metrics
+
+    base = {"method": "dm", "budget": 10, "dataset": "cifar10", "paper_dataset": "c10", "epochs": 300, "scale": "cpu"}
+    files = {
+        "single": {**base, "ipc": 10, "noe": 1, "fusion": "none", "dcor_weight": 0.1, "accs": [47.0, 48.0]},
+        "mix": {**base, "ipc": 5, "noe": 2, "fusion": "mixup", "dcor_weight": 0.1, "dcor_estimator": "bias_corrected",
+                "accs": [49.0, 50.0]},
+        "dcor0": {**base, "ipc": 5, "noe": 2, "fusion": "mixup", "dcor_weight": 0.0, "accs": [46.0, 46.2]},
+        "nofusion": {**base, "ipc": 5, "noe": 2, "fusion": "none", "dcor_weight": 0.1, "dcor_estimator": "bias_corrected",
+                     "accs": [44.0, 44.4]},
+    }
+    paths = []
+    for name, d in files.items():
+        accs = d.pop("accs")
+        d["nets"] = {"convnet3": {"mean": sum(accs) / 2, "std": abs(accs[0] - accs[1]) / 2, "accs": accs}}
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(d))
+    cells = collect(paths)
+    assert sorted(c.variant for c in cells) == ["", "", "no fusion", "λ=0"]
+    md = render_markdown(cells)
+    assert "| DM | ConvNet-3 | ▲49.50 ± 0.50 (n=2) |" in md
+    assert "| DM (no fusion) | ConvNet-3 | ▼44.20 ± 0.20 (n=2) |" in md
+    assert "| DM (λ=0) | ConvNet-3 | ▼46.10 ± 0.10 (n=2) |" in md
+    assert "Scale: cpu." in md and "Ablations: λ=0 = no diversity term" in md and "no fusion = the experts' images" in md
+    m = run_metrics(cells)
+    assert m["gain/cifar10/b10/5x2/dm-dcor0/convnet3"] == -1.4 and m["gain/cifar10/b10/5x2/dm-nofusion/convnet3"] == -3.3
+    assert m["acc/cifar10/b10/5x2/dm/convnet3"] == 49.5
+    assert "cifar10,10,5x2,dm,convnet3,46.10,0.10,2,47.50,-1.40,▼,,λ=0" in render_csv(cells).splitlines()
+    idm = Cell("idm", "convnet3", 10, 5, 2, 50.0, 0.1, 2, "mixup", 300, "c10", "cifar10", "cpu")
+    assert idm.paper == 49.04 and Cell(**{**idm.__dict__, "variant": "λ=0"}).paper is None

@@ -232,7 +232,7 @@ def _cli_setup(tmp_path: Path, folder: Path, uri: str, monkeypatch: pytest.Monke
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "data": {"source": "imagefolder", "root": str(folder)},
-        "distill": {"budget": 4},
+        "distill": {"budget": 4, "dcor_estimator": "v_statistic"},
         "experts": {"mtt": {"preset": "none"}},
         "trajectories": {"num_teachers": 2, "epochs": 2, "batch_size": 16, "test_batch_size": 64},
         "mlflow": {"tracking_uri": uri},

@@ -43,6 +43,7 @@ class DistillContext:
         device: where the work happens.
         net: registered name of the matching network.
         dcor_weight: λ of the diversity term (0 = off).
+        dcor_estimator: which dCor² it minimises (``moedd.moe.dcor.ESTIMATORS``).
         seed: base seed of the run.
         trajectories: teacher trajectories (MTT), or None.
     """
@@ -56,6 +57,7 @@ class DistillContext:
     device: torch.device
     net: str = "convnet3"
     dcor_weight: float = 0.0
+    dcor_estimator: str = "bias_corrected"
     seed: int = 0
     trajectories: Any = None
     """Teacher trajectories of the experts' shards (``moedd.trajectories``; MTT only)."""
@@ -106,7 +108,7 @@ class DistillContext:
     def diversity(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """MoE-DD's diversity term for ``features`` (NoE, C, n, D): (λ·dCor to add to the
         objective, dCor detached for logging); zeros when :attr:`diverse` is false."""
-        return diversity_term(features, self.dcor_weight if self.diverse else 0.0)
+        return diversity_term(features, self.dcor_weight if self.diverse else 0.0, self.dcor_estimator)
 
     def seed_for(self, it: int, stream: int = 0) -> int:
         """A seed that depends only on (run seed, iteration, stream)."""
@@ -173,15 +175,17 @@ class ExpertMethod(ABC):
     """A base distillation method run by NoE experts jointly.
 
     Subclasses set ``name`` (the registry key), ``config_cls`` (the class of the params section
-    ``experts.<name>``, defined in the method's module), ``smoke``, ``space`` and ``decoding``,
+    ``experts.<name>``, defined in the method's module), ``scales``, ``space`` and ``decoding``,
     and implement :meth:`init_images` and :meth:`step`.
     """
 
     name: ClassVar[str]
     config_cls: ClassVar[type[BaseModel]]
-    smoke: ClassVar[dict[str, Any]] = {}
-    """Settings of ``experts.<name>`` at which the method runs end to end in seconds on tiny data
-    (3 classes of 24 32x32 images, budget 4): what the test suite uses."""
+    scales: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Settings of ``experts.<name>`` per run scale other than ``paper`` (``moedd.scale``): the
+    class defaults are the paper's sizes; ``cpu`` is the size of the CPU numbers in
+    docs/results.md; ``smoke`` runs the method end to end in seconds on tiny data (3 classes of
+    24 32x32 images, budget 4), which is also what the test suite uses."""
     needs_trajectories: ClassVar[bool] = False
     """Whether the method distills against teacher trajectories (``moedd trajectories``, MTT)."""
     optimises: ClassVar[bool] = True

@@ -53,7 +53,8 @@ class DistributionMatching(ExpertMethod):
 
     name = "dm"
     config_cls = DMConfig
-    smoke = {"iterations": 3, "batch_real": 8}
+    scales = {"smoke": {"iterations": 3, "batch_real": 8},
+              "cpu": {"iterations": 400, "batch_real": 128}}
     cfg: DMConfig
 
     def __init__(self, cfg: DMConfig, ctx: DistillContext) -> None:

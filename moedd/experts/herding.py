@@ -70,7 +70,8 @@ class Herding(ExpertMethod):
     name = "herding"
     config_cls = HerdingConfig
     optimises = False
-    smoke = {"train_epochs": 1, "batch_size": 32}
+    scales = {"smoke": {"train_epochs": 1, "batch_size": 32},
+              "cpu": {"train_epochs": 5}}
     cfg: HerdingConfig
 
     def embedding_net(self, k: int) -> torch.nn.Module:

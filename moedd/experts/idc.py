@@ -305,7 +305,8 @@ class IDC(ExpertMethod):
 
     name = "idc"
     config_cls = IDCConfig
-    smoke = {"iterations": 2, "inner_loop": 2, "batch_real": 4, "n_data": 16}
+    scales = {"smoke": {"iterations": 2, "inner_loop": 2, "batch_real": 4, "n_data": 16},
+              "cpu": {"iterations": 3}}
     space = "pixel"
     decoding = "multiformation2"
     cfg: IDCConfig

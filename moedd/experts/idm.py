@@ -168,7 +168,8 @@ class IDM(ExpertMethod):
 
     name = "idm"
     config_cls = IDMConfig
-    smoke = {"iterations": 2, "batch_real": 4, "trained_bs": 16, "model_train_steps": 1}
+    scales = {"smoke": {"iterations": 2, "batch_real": 4, "trained_bs": 16, "model_train_steps": 1},
+              "cpu": {"iterations": 50}}
     space = "normalized"
     cfg: IDMConfig
 

@@ -158,7 +158,8 @@ class MatchingTrainingTrajectories(ExpertMethod):
 
     name = "mtt"
     config_cls = MTTConfig
-    smoke = {"iterations": 4, "syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2}
+    scales = {"smoke": {"iterations": 4, "syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2},
+              "cpu": {"iterations": 20}}
     needs_trajectories = True
     cfg: MTTConfig
 
