@@ -268,6 +268,40 @@ class EvaluateConfig(Section):
         return _check_device(v)
 
 
+class FullDataConfig(Section):
+    """The full-data reference (``moedd full-data``, ``moedd.reference``): each network of ``nets``
+    trained on the whole real training set with the evaluation protocol of ``evaluate`` (optimiser,
+    batch, DSA, learning rate x 0.1 at half of the epochs, no fusion), for its own number of epochs.
+    The report sets every cell between it and the random real subset of the same IPC."""
+
+    nets: list[str] = ["convnet3"]
+    """One cached DVC stage per dataset and network (the list is the stage matrix, so it is written
+    in params.yaml, not set by the scale); the normalised gain exists for these networks."""
+    epochs: int = Field(100, ge=1)
+    """[INFERRED: the distillation papers quote whole-dataset accuracies without their schedule]."""
+    seeds: list[int] = [0]
+    checkpoint_every: int = Field(1, ge=1)
+    """Epochs between checkpoints of the unit in training (an epoch is 196 batches of 256)."""
+
+    @field_validator("nets")
+    @classmethod
+    def _known_nets(cls, v: list[str]) -> list[str]:
+        from moedd.nets import NETS
+
+        if not v or len(set(v)) != len(v):  # the report stage depends on the reference's metrics
+            raise ValueError("full_data.nets must name at least one network, each once")
+        for name in v:
+            NETS.get(name)
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("full_data.seeds must be a non-empty list of distinct seeds")
+        return v
+
+
 class MlflowConfig(Section):
     """Where runs are logged. Empty ``tracking_uri`` = SQLite at <repo root>/mlflow.db."""
 

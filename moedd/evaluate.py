@@ -406,8 +406,19 @@ def evaluate_synthetic(
     """
     data = pool_experts(syn, cfg.lr, device)
     test_x = prepare_test_images(syn, test_images, device)
-    test_y = test_labels.to(device)
-    num_classes = len(syn.meta.classes)
+    return evaluate_training_set(data, test_x, test_labels.to(device), len(syn.meta.classes), cfg, fusion,
+                                 on_result, on_epoch, checkpoints, on_resume, on_curve)
+
+
+def evaluate_training_set(
+    data: TrainingSet, test_x: Tensor, test_y: Tensor, num_classes: int, cfg: EvaluateConfig, fusion: FusionConfig,
+    on_result: ResultFn | None = None, on_epoch: EpochFn | None = None,
+    checkpoints: EvaluationCheckpoints | None = None, on_resume: ResumeFn | None = None,
+    on_curve: CurveFn | None = None,
+) -> dict[str, NetResult]:
+    """:func:`evaluate_synthetic` on a training set already on the device (a pooled synthetic set,
+    or the full real training set of the reference, ``moedd.reference``) and test images already
+    in its space; same arguments and result."""
     results: dict[str, NetResult] = {}
     restored, announced = 0, False
     for name in cfg.nets:

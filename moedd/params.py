@@ -34,7 +34,8 @@ from typing import Any
 from pydantic import BaseModel, PrivateAttr, ValidationError, create_model, model_validator
 
 from moedd.config import (
-    ConfigError, DataConfig, DatasetEntry, DistillConfig, EvaluateConfig, FusionConfig, GridConfig, MlflowConfig,
+    ConfigError, DataConfig, DatasetEntry, DistillConfig, EvaluateConfig, FullDataConfig, FusionConfig, GridConfig,
+    MlflowConfig,
     PartitionConfig, Section, TrajectoriesConfig, check_budget, check_dcor_rows, read_params_file, set_dotted,
 )
 from moedd.experts import EXPERTS
@@ -81,6 +82,7 @@ class Params(Section):
     trajectories: TrajectoriesConfig = TrajectoriesConfig()
     fusion: FusionConfig = FusionConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    full_data: FullDataConfig = FullDataConfig()
     mlflow: MlflowConfig = MlflowConfig()
     _scale_keys: frozenset[str] = PrivateAttr(default=frozenset())
     """Dotted keys that the scale filled (not written in params.yaml or -S): a preset row wins over them."""

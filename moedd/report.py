@@ -15,7 +15,7 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.table import Table
@@ -27,6 +27,33 @@ from moedd.paper import paper_value
 _METHOD_ORDER = ["random", "herding", "dm", "idm", "idc", "mtt"]
 _PAPER_COLUMNS = [(10, "5x2"), (10, "10x1"), (20, "10x2"), (20, "20x1")]
 """The paper's columns of one dataset, in its order."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The full-data reference of one dataset and network (``moedd full-data`` metrics)."""
+
+    label: str
+    """The data's name in metric keys (as :attr:`Cell.label`)."""
+    net: str
+    mean: float
+    std: float
+    n: int
+    epochs: int
+    images: int
+    scale: str = "paper"
+
+
+def collect_references(paths: list[Path]) -> list[Reference]:
+    """Read ``moedd full-data`` metrics JSON files."""
+    out = []
+    for p in paths:
+        d = json.loads(p.read_text())
+        key = d.get("paper_dataset")
+        label = dataset_label(d.get("dataset") or "custom", next((k for k, v in PAPER_KEYS.items() if v == key), None))
+        out.append(Reference(label, d["net"], float(d["mean"]), float(d["std"]), len(d.get("accs", [])),
+                             int(d.get("epochs", 0)), int(d.get("images", 0)), d.get("scale", "paper")))
+    return out
 
 
 @dataclass(frozen=True)
@@ -51,6 +78,20 @@ class Cell:
     """The run scale of the cell's distillation and evaluation (``moedd.scale``; "a/b" when they differ)."""
     variant: str = ""
     """The ablation the cell belongs to (:func:`variant_of`); "" for the default method."""
+    random: float | None = None
+    """Mean accuracy of the random real subset of the same dataset, budget, IPCxNoE and network
+    (:func:`with_references`)."""
+    full: Reference | None = None
+    """The full-data reference of the same dataset and network (:func:`with_references`)."""
+
+    @property
+    def norm_gain(self) -> float | None:
+        """moedd's normalised gain (acc − random) / (full − random): 0 = as good as random real
+        images, 1 = as good as the full training set; None without both references (and for the
+        random cells themselves)."""
+        if self.method == "random" or self.random is None or self.full is None or self.full.mean <= self.random:
+            return None
+        return (self.mean - self.random) / (self.full.mean - self.random)
 
     @property
     def config(self) -> str:
@@ -123,6 +164,22 @@ def collect(paths: list[Path]) -> list[Cell]:
     return cells
 
 
+def merge_cells(first: list[Cell], more: list[Cell]) -> list[Cell]:
+    """``first`` plus the cells of ``more`` that ``first`` has no cell for (same dataset, budget,
+    configuration, method, variant and network): the first source wins a tie."""
+    seen = {(c.label, c.budget, c.config, c.row) for c in first}
+    return first + [c for c in more if (c.label, c.budget, c.config, c.row) not in seen]
+
+
+def with_references(cells: list[Cell], refs: list[Reference]) -> list[Cell]:
+    """``cells`` with their two reference points attached: the random cell of the same dataset,
+    budget, configuration and network, and the full-data reference of the same dataset and network."""
+    randoms = {(c.label, c.budget, c.config, c.net): c.mean for c in cells if c.method == "random" and not c.variant}
+    full = {(r.label, r.net): r for r in refs}
+    return [replace(c, random=randoms.get((c.label, c.budget, c.config, c.net)), full=full.get((c.label, c.net)))
+            for c in cells]
+
+
 def _scale(d: dict) -> str:
     """The scale of a metrics file: its evaluation's, with the distillation's when that differs."""
     ev, di = d.get("scale", "paper"), d.get("distill_scale", d.get("scale", "paper"))
@@ -148,8 +205,7 @@ def row_keys(cells: list[Cell]) -> list[tuple[str, str, str]]:
     then each of its ablation variants."""
     keys = {c.row for c in cells}
     order = {m: i for i, m in enumerate(_METHOD_ORDER)}
-    net_order = {n: i for i, n in enumerate(["convnet3", "vgg11", "resnet18", "alexnet"])}
-    return sorted(keys, key=lambda k: (order.get(k[0], 99), k[0], k[1], net_order.get(k[2], 99), k[2]))
+    return sorted(keys, key=lambda k: (order.get(k[0], 99), k[0], k[1], *_net_key(k[2])))
 
 
 def row_label(method: str, variant: str) -> str:
@@ -182,6 +238,7 @@ def _cell_text(c: Cell | None, cells: list[Cell]) -> str:
         return "—"
     text = f"{c.mean:.2f} ± {c.std:.2f} (n={c.n})" if c.n > 1 else f"{c.mean:.2f} (n={c.n})"
     text = f"{mark(c, cells)}{text}"
+    text += f" g {c.norm_gain:.2f}" if c.norm_gain is not None else ""
     return text + (f" (paper {c.paper:.2f})" if c.paper is not None else "")
 
 
@@ -205,9 +262,30 @@ def protocol_line(cells: list[Cell]) -> str:
     fusion = f"fusion {'/'.join(fusions)} where NoE > 1 (none at NoE = 1)" if fusions else "single experts, no fusion"
     named = [f"{label} = {what}" for label, _, what in ABLATIONS if any(label in c.variant.split(", ") for c in cells)]
     ablations = f" Ablations: {'; '.join(named)}." if named else ""
+    gain = f" {GAIN_RULE}." if any(c.norm_gain is not None for c in cells) else ""
     return (f"Scale: {', '.join(scales)}. Protocol: {'; '.join(runs)}; {fusion}. "
             "Accuracy (%) on the full real test set after the last epoch, mean ± std over seeds. " + MARK_RULE + "."
-            + ablations)
+            + gain + ablations)
+
+
+GAIN_RULE = ("g: normalised gain (acc − random) / (full − random), moedd's measure: random = the random real "
+             "subset of the same IPCxNoE and network, full = the network trained on the whole training set")
+
+
+def reference_line(cells: list[Cell]) -> str:
+    """The full-data references of ``cells`` (one dataset), or "" when there are none."""
+    refs = sorted({c.full for c in cells if c.full is not None}, key=lambda r: _net_key(r.net))
+    if not refs:
+        return ""
+    parts = [f"{DISPLAY_NAMES.get(r.net, r.net)} {r.mean:.2f}" + (f" ± {r.std:.2f}" if r.n > 1 else "")
+             + f" (n={r.n}, {r.epochs} epochs, scale {r.scale})" for r in refs]
+    return f"Full real training set ({refs[0].images:,} images): " + "; ".join(parts) + "."
+
+
+def _net_key(net: str) -> tuple[int, str]:
+    """The table's order of evaluation networks: the paper's four, then others by name."""
+    order = {n: i for i, n in enumerate(["convnet3", "vgg11", "resnet18", "alexnet"])}
+    return order.get(net, 99), net
 
 
 def render_markdown(cells: list[Cell]) -> str:
@@ -217,7 +295,8 @@ def render_markdown(cells: list[Cell]) -> str:
         header, body = _grid([c for c in cells if c.label == name])
         lines = [f"### {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
-        parts.append("\n".join(lines))
+        ref = reference_line([c for c in cells if c.label == name])
+        parts.append("\n".join(lines) + (f"\n\n{ref}" if ref else ""))
     return "\n\n".join(parts) + "\n\n" + protocol_line(cells) + "\n"
 
 
@@ -227,14 +306,19 @@ def render_csv(cells: list[Cell]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["dataset", "budget", "config", "method", "net", "mean", "std", "n", "single_mean", "gain", "mark", "paper",
-                "variant"])
+                "variant", "random_mean", "full_mean", "norm_gain"])
     for name in datasets(cells):
         for c in sorted((c for c in cells if c.label == name), key=lambda c: (c.budget, -c.noe, c.method, c.variant, c.net)):
             s = single_of(c, cells) if c.noe > 1 else None
             w.writerow([name, c.budget, c.config, c.method, c.net, f"{c.mean:.2f}", f"{c.std:.2f}", c.n,
                         "" if s is None else f"{s.mean:.2f}", "" if s is None else f"{c.mean - s.mean:.2f}",
-                        mark(c, cells), "" if c.paper is None else f"{c.paper:.2f}", c.variant])
+                        mark(c, cells), "" if c.paper is None else f"{c.paper:.2f}", c.variant,
+                        _num(c.random), _num(c.full.mean if c.full else None), _num(c.norm_gain, 4)])
     return buf.getvalue()
+
+
+def _num(x: float | None, digits: int = 2) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
 
 
 def _tex(text: str) -> str:
@@ -251,6 +335,8 @@ def render_latex(cells: list[Cell]) -> str:
                  " & ".join(_tex(h) for h in header) + r" \\", r"\midrule"]
         lines += [" & ".join(_tex(x) for x in row) + r" \\" for row in body]
         lines += [r"\bottomrule", r"\end{tabular}"]
+        ref = reference_line([c for c in cells if c.label == name])
+        lines += [f"% {_tex(ref)}"] if ref else []
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n% " + _tex(protocol_line(cells)) + "\n"
 
@@ -274,7 +360,9 @@ def run_metrics(cells: list[Cell]) -> dict[str, float]:
     by side in the runs table and the chart view: ``acc/<dataset>/b<budget>/<IPC>x<NoE>/<method>/<net>``
     (mean, percent), ``acc_std/...`` (std over seeds) and, for every mixture (NoE > 1) with a
     single-expert cell of the same dataset, budget, method and network,
-    ``gain/<dataset>/b<budget>/<IPC>x<NoE>/<method>/<net>`` = mixture mean − single mean. An
+    ``gain/<dataset>/b<budget>/<IPC>x<NoE>/<method>/<net>`` = mixture mean − single mean,
+    ``ngain/...`` the normalised gain (:attr:`Cell.norm_gain`) and ``full/<dataset>/<net>`` the
+    full-data reference where the cells have them. An
     ablation variant's ``<method>`` carries its slugs (:attr:`Cell.method_key`: ``dm-dcor0``).
     ``<dataset>`` is the cell's :attr:`Cell.label` (``cifar10``, ``cifar100``, else the prepared
     dataset's name)."""
@@ -286,5 +374,9 @@ def run_metrics(cells: list[Cell]) -> dict[str, float]:
         base = single_of(c, cells) if c.noe > 1 else None
         if base is not None:
             out[f"gain/{where}"] = round(c.mean - base.mean, 4)
+        if c.norm_gain is not None:
+            out[f"ngain/{where}"] = round(c.norm_gain, 4)
+        if c.full is not None:
+            out[f"full/{c.label}/{c.net}"] = c.full.mean
     return out
 

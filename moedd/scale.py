@@ -10,7 +10,7 @@ its code (``ExpertMethod.scales``), so a new method brings its sizes with it.
   four networks).
 - ``cpu``: the size of the CPU numbers in docs/results.md (a table column in hours on two cores):
   400 DM / 50 IDM / 3 IDC / 20 MTT iterations, one MTT teacher per shard, ConvNet-3 for 300
-  epochs x 3 seeds.
+  epochs x 3 seeds, the full-data reference for 10 epochs x 1 seed.
 - ``smoke``: the table's whole pipeline in minutes (seconds per stage on tiny data): a few
   iterations, two evaluation epochs, one seed. A pipeline check, not a result, so it also sets
   ``preset: none`` for the methods that have presets (their rows would otherwise bring back
@@ -37,10 +37,12 @@ STAGE_SCALES: dict[str, dict[str, Any]] = {
     "cpu": {
         "trajectories.num_teachers": 1,
         "evaluate.epochs": 300, "evaluate.seeds": [0, 1, 2], "evaluate.nets": ["convnet3"],
+        "full_data.epochs": 10, "full_data.seeds": [0],
     },
     "smoke": {
         "trajectories.num_teachers": 1,
         "evaluate.epochs": 2, "evaluate.seeds": [0], "evaluate.nets": ["convnet3"],
+        "full_data.epochs": 1, "full_data.seeds": [0],
     },
 }
 """The stage sections' settings per scale (the experts' come from their methods)."""

@@ -21,6 +21,7 @@ def _params_file(tmp_path: Path, folder: Path, uri: str) -> Path:
         "distill": {"budget": 8, "log_every": 1},  # IPC 4 x NoE 2: the default (bias-corrected) dCor runs
         "experts": {"dm": {"iterations": 2, "batch_real": 8}},
         "evaluate": {"nets": ["convnet3", "alexnet"], "seeds": [0, 1], "epochs": 2, "test_batch_size": 64},
+        "full_data": {"epochs": 2},
         "mlflow": {"tracking_uri": uri},
     }))
     return f
@@ -48,9 +49,13 @@ def test_stage_commands_end_to_end(tiny_folder: Path, tmp_path: Path, mlflow_uri
     ev = json.loads(Path("metrics/evaluate/dm-noe2.json").read_text())
     assert set(ev["nets"]) == {"convnet3", "alexnet"} and len(ev["nets"]["convnet3"]["accs"]) == 2
     assert ev["fusion"] == "mixup"
+    _ok(["full-data", "--net", "convnet3", "--metrics", "metrics/full/convnet3.json"])
+    full = json.loads(Path("metrics/full/convnet3.json").read_text())
+    assert full["images"] == 72 and full["epochs"] == 2 and len(full["accs"]) == 1 and 0 <= full["mean"] <= 100
     out = _ok(["report", "--out", "reports/table.md"]).output
     assert "ConvNet-3" in out and "4x2" in out
     assert "| DM | AlexNet |" in Path("reports/table.md").read_text()
+    assert "Full real training set (72 images): ConvNet-3" in Path("reports/table.md").read_text()
     shown = _ok(["show", "data/synthetic/dm-noe2", "--out", "grids"]).output
     assert "expert-1.png" in shown and Path("grids/expert-0.png").stat().st_size > 0
 

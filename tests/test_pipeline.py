@@ -147,12 +147,13 @@ def test_push_to_the_local_remote(repo) -> None:
 
 @pytest.fixture(scope="module")
 def queued(repo) -> tuple[Path, dict[str, str]]:
-    """The repo after two queued experiments (qa, qb: other evaluation seeds) ran on two workers."""
+    """The repo after two queued experiments ran on two workers: qa with another evaluation seed,
+    qb the no-fusion ablation evaluated with another seed."""
     root, env = repo
     _run(["git", "add", "-A"], root, env)
     _run(["git", "commit", "-qm", "lock", "--allow-empty"], root, env)
-    for name, seed in (("qa", 5), ("qb", 6)):
-        _run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"evaluate.seeds=[{seed}]"], root, env)
+    for name, sets in (("qa", ["evaluate.seeds=[5]"]), ("qb", ["evaluate.seeds=[6]", "fusion.kind=none"])):
+        _run(["dvc", "exp", "run", "--queue", "-n", name, *(a for x in sets for a in ("-S", x))], root, env)
     # the workers it starts inherit its stdout: with captured output, the call would wait for them
     # to finish (and time out on a loaded machine); the loop below waits for them instead
     started = subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, stdin=subprocess.DEVNULL,
@@ -175,6 +176,18 @@ def test_queued_experiments_lose_no_mlflow_runs(queued) -> None:
         exp_runs = [r for r in runs if r.data.tags.get("dvc.exp_name") == name]
         names = {r.info.run_name for r in exp_runs}
         assert {"evaluate dm tiny b4 2x2", "evaluate dm tiny b4 4x1"} <= names, (name, names)
+
+
+def test_one_report_holds_every_queued_experiment(queued) -> None:
+    """`moedd report --experiments` reads the experiments' commits (not the workspace's files):
+    qb's no-fusion cells appear as the ablation's rows beside the workspace's cells."""
+    root, env = queued
+    out = _run(["moedd", "report", "--experiments", "--out", "reports/all.md"], root, env)
+    assert "experiment qb:" in out and "experiment qa:" in out
+    table = (root / "reports/all.md").read_text()
+    assert "| DM (no fusion) | ConvNet-3 |" in table and "| DM | ConvNet-3 |" in table
+    assert "Ablations: no fusion = " in table
+    assert not list((root / "metrics/evaluate").rglob("*nofusion*"))  # the workspace was not touched
 
 
 def _serve_ui(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:

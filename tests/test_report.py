@@ -48,8 +48,9 @@ def test_a_mixture_is_marked_only_beyond_the_seeds_spread() -> None:
     assert "▲49.00 ± 0.50 (n=3)" in md and "▼46.00" in md and "sqrt(std_mix² + std_single²)" in md
     assert "| — |" in md  # the paper's b20 columns are empty here
     rows = render_csv(cells).splitlines()
-    assert rows[0] == "dataset,budget,config,method,net,mean,std,n,single_mean,gain,mark,paper,variant"
-    assert "cifar10,10,5x2,dm,convnet3,49.00,0.50,3,47.50,1.50,▲,," in rows
+    assert rows[0] == ("dataset,budget,config,method,net,mean,std,n,single_mean,gain,mark,paper,variant,"
+                       "random_mean,full_mean,norm_gain")
+    assert "cifar10,10,5x2,dm,convnet3,49.00,0.50,3,47.50,1.50,▲,,,,," in rows
     tex = render_latex(cells)
     assert r"\begin{tabular}" in tex and r"$\blacktriangle$49.00 $\pm$ 0.50" in tex and "\\end{tabular}" in tex
 
@@ -100,6 +101,38 @@ def test_ablation_variants_get_their_own_rows_against_the_same_single_expert(tmp
     m = run_metrics(cells)
     assert m["gain/cifar10/b10/5x2/dm-dcor0/convnet3"] == -1.4 and m["gain/cifar10/b10/5x2/dm-nofusion/convnet3"] == -3.3
     assert m["acc/cifar10/b10/5x2/dm/convnet3"] == 49.5
-    assert "cifar10,10,5x2,dm,convnet3,46.10,0.10,2,47.50,-1.40,▼,,λ=0" in render_csv(cells).splitlines()
+    assert "cifar10,10,5x2,dm,convnet3,46.10,0.10,2,47.50,-1.40,▼,,λ=0,,," in render_csv(cells).splitlines()
     idm = Cell("idm", "convnet3", 10, 5, 2, 50.0, 0.1, 2, "mixup", 300, "c10", "cifar10", "cpu")
     assert idm.paper == 49.04 and Cell(**{**idm.__dict__, "variant": "λ=0"}).paper is None
+
+
+def test_cells_sit_between_random_real_images_and_the_full_training_set(tmp_path) -> None:
+    """The normalised gain (acc − random) / (full − random) per cell, from the random cell of the
+    same configuration and network and the full-data reference of the network; in the table, the
+    CSV and the metrics, with the reference line and the rule."""
+    import json
+
+    from moedd.report import collect_references, merge_cells, render_csv, render_markdown, with_references
+
+    ref = tmp_path / "convnet3.json"
+    ref.write_text(json.dumps({"net": "convnet3", "dataset": "cifar10", "paper_dataset": "c10", "images": 50000,
+                               "epochs": 10, "seeds": [0], "scale": "cpu", "mean": 70.0, "std": 0.0, "accs": [70.0]}))
+    refs = collect_references([ref])
+    cells = [_cell(5, 2, 50.0), _cell(10, 1, 48.0), Cell("random", "convnet3", 10, 5, 2, 30.0, 0.5, 3, "mixup", 300, "c10", "cifar10"),
+             _cell(5, 2, 40.0, "vgg11")]
+    cells = with_references(cells, refs)
+    dm = cells[0]
+    assert dm.random == 30.0 and dm.full == refs[0] and dm.norm_gain == (50.0 - 30.0) / (70.0 - 30.0)
+    assert cells[1].norm_gain is None  # no random cell at 10x1
+    assert cells[2].norm_gain is None and cells[3].norm_gain is None  # the random cell itself; no VGG11 reference
+    md = render_markdown(cells)
+    assert "▲50.00 ± 0.50 (n=3) g 0.50 |" in md
+    assert "Full real training set (50,000 images): ConvNet-3 70.00 (n=1, 10 epochs, scale cpu)." in md
+    assert "g: normalised gain (acc − random) / (full − random)" in md
+    assert "cifar10,10,5x2,dm,convnet3,50.00,0.50,3,48.00,2.00,▲,,,30.00,70.00,0.5000" in render_csv(cells).splitlines()
+    m = run_metrics(cells)
+    assert m["ngain/cifar10/b10/5x2/dm/convnet3"] == 0.5 and m["full/cifar10/convnet3"] == 70.0
+    # another source (a queued experiment) adds only what the first has not
+    other = [_cell(5, 2, 10.0), _cell(5, 2, 41.0, "resnet18")]
+    merged = merge_cells(cells, other)
+    assert len(merged) == 5 and merged[-1].net == "resnet18" and merged[0].mean == 50.0
