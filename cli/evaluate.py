@@ -106,12 +106,13 @@ def _summary(syn: Any, prep: Any, params: Any, fused: str, results: dict[str, An
     from moedd.data.identity import PAPER_KEYS
 
     m, cfg = syn.meta, params.evaluate
-    distill = m.config.get("distill", {})
+    # the diversity term acted only where images were optimised by several experts (not random/herding)
+    distill = m.config.get("distill", {}) if m.iterations > 0 and m.noe > 1 else {}
     return {"method": m.method, "noe": m.noe, "ipc": m.ipc, "budget": m.budget, "dataset": prep.name,
             "classes": len(prep.classes), "paper_dataset": PAPER_KEYS.get(prep.paper or ""),
             "fusion": fused, "epochs": cfg.epochs, "seeds": cfg.seeds, "scale": params.scale,
             "distill_scale": m.config.get("scale", "paper"), "dcor_weight": distill.get("dcor_weight"),
-            "dcor_estimator": distill.get("dcor_estimator", "v_statistic"),
+            "dcor_estimator": distill.get("dcor_estimator", "v_statistic" if distill else None),
             "nets": {net: {"mean": round(100 * r.mean, 2), "std": round(100 * r.std, 2),
                            "accs": [round(100 * a, 2) for a in r.accs]} for net, r in results.items()}}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from . import data, distill, evaluate, reference, report, tools, trajectories
+from . import data, distill, evaluate, plan, reference, report, tools, trajectories
 
 app = typer.Typer(
     name="moedd",
@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 
 for _command in (tools.init, tools.ui, data.prepare, data.partition, trajectories.trajectories, distill.distill,
-                 evaluate.evaluate, reference.full_data, report.report, tools.show):
+                 evaluate.evaluate, reference.full_data, report.report, plan.plan, tools.show):
     app.command()(_command)
 app.command(name="list")(tools.list_components)
 

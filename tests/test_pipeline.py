@@ -29,9 +29,9 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) ->
 
 @pytest.fixture(scope="module")
 def repo(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A git+DVC repository with this project's pipeline and tiny params (one dataset, budget 4,
+    """A git+DVC repository with this project's pipeline and tiny params (one dataset, budget 8,
     DM, the random baseline and MTT at NoE 2 and 1); `dvc repro` already run."""
-    return _repo(tmp_path_factory, {"tiny": tiny_folder}, [4])
+    return _repo(tmp_path_factory, {"tiny": tiny_folder}, [8])
 
 
 def _repo(tmp_path_factory: pytest.TempPathFactory, folders: dict[str, Path], budgets: list[int],
@@ -48,8 +48,7 @@ def _repo(tmp_path_factory: pytest.TempPathFactory, folders: dict[str, Path], bu
     params["grid"] = {"datasets": list(folders), "budgets": budgets, "experts": ["dm"], "baselines": list(baselines),
                       "noe": [2, 1], "mtt_noe": list(mtt_noe)}
     params["scale"] = "smoke"  # every method and stage at its smoke sizes (moedd.scale)
-    params["distill"].update({"budget": max(budgets), "log_every": 1, "checkpoint_every": 2,
-                              "dcor_estimator": "v_statistic"})  # IPC 1 and 2 per expert here
+    params["distill"].update({"budget": max(budgets), "log_every": 1, "checkpoint_every": 2})
     params["experts"]["mtt"].update({"zca": False})  # its 3072x3072 fit is tested on small images in test_mtt.py
     params["trajectories"].update({"batch_size": 16, "test_batch_size": 64})  # batches of the tiny shards
     params["evaluate"].update({"test_batch_size": 64})
@@ -77,24 +76,24 @@ def _runs(root: Path):
 def test_repro_produces_every_stage_output(repo) -> None:
     root, _ = repo
     for name in ("dm-noe2", "dm-noe1"):
-        assert (root / "data/tiny/synthetic/b4" / name / "expert-0.json").exists()
-        assert (root / "metrics/evaluate/tiny/b4" / f"{name}.json").exists()
-        assert (root / "plots/distill/tiny/b4" / f"{name}.csv").exists()
-    assert (root / "data/tiny/synthetic/b4/dm-noe2/expert-1.pt").exists()
+        assert (root / "data/tiny/synthetic/b8" / name / "expert-0.json").exists()
+        assert (root / "metrics/evaluate/tiny/b8" / f"{name}.json").exists()
+        assert (root / "plots/distill/tiny/b8" / f"{name}.csv").exists()
+    assert (root / "data/tiny/synthetic/b8/dm-noe2/expert-1.pt").exists()
     for name in ("random-noe2", "random-noe1"):  # a baseline: a set and its evaluation, no loss curve to plot
-        assert (root / "metrics/evaluate/tiny/b4" / f"{name}.json").exists()
-        assert not (root / "plots/distill/tiny/b4" / f"{name}.csv").exists()
+        assert (root / "metrics/evaluate/tiny/b8" / f"{name}.json").exists()
+        assert not (root / "plots/distill/tiny/b8" / f"{name}.csv").exists()
     table = (root / "reports/table.md").read_text()
     assert (root / "reports/table.csv").read_text().startswith("dataset,budget,config,method,net,mean")
     assert r"\begin{tabular}" in (root / "reports/table.tex").read_text()
     assert (root / "reports/table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| DM | ConvNet-3 |" in table and "| RANDOM | ConvNet-3 |" in table and "b4 2x2" in table and "b4 4x1" in table
+    assert "| DM | ConvNet-3 |" in table and "| RANDOM | ConvNet-3 |" in table and "b8 4x2" in table and "b8 8x1" in table
     assert "Scale: smoke. Protocol: 2 epochs x 1 seeds" in table  # the scale is part of the protocol line
     # MTT: teachers of both shards (3 epochs = the smoke max_start_epoch + expert_epochs), its set, its evaluation
     assert (root / "data/tiny/trajectories/noe2/meta.json").exists()
     assert (root / "data/tiny/trajectories/noe2/shard1/teacher000.pt").exists()
-    assert (root / "data/tiny/synthetic/b4/mtt-noe2/expert-1.json").exists()
-    assert (root / "metrics/evaluate/tiny/b4/mtt-noe2.json").exists()
+    assert (root / "data/tiny/synthetic/b8/mtt-noe2/expert-1.json").exists()
+    assert (root / "metrics/evaluate/tiny/b8/mtt-noe2.json").exists()
     assert "| MTT | ConvNet-3 |" in table
 
 
@@ -113,24 +112,24 @@ def test_mlflow_holds_the_runs_with_dvc_lineage(repo) -> None:
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1, [r.info.run_name for r in parents]
     cells = parents[0].data.metrics  # logged by the report stage: every cell of the pipeline run
-    assert {"acc/tiny/b4/2x2/dm/convnet3", "acc/tiny/b4/4x1/dm/convnet3", "acc/tiny/b4/2x2/mtt/convnet3",
-            "gain/tiny/b4/2x2/dm/convnet3"} <= set(cells), sorted(cells)
-    assert cells["gain/tiny/b4/2x2/dm/convnet3"] == round(
-        cells["acc/tiny/b4/2x2/dm/convnet3"] - cells["acc/tiny/b4/4x1/dm/convnet3"], 4)
+    assert {"acc/tiny/b8/4x2/dm/convnet3", "acc/tiny/b8/8x1/dm/convnet3", "acc/tiny/b8/4x2/mtt/convnet3",
+            "gain/tiny/b8/4x2/dm/convnet3"} <= set(cells), sorted(cells)
+    assert cells["gain/tiny/b8/4x2/dm/convnet3"] == round(
+        cells["acc/tiny/b8/4x2/dm/convnet3"] - cells["acc/tiny/b8/8x1/dm/convnet3"], 4)
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     stages = [r for r in runs if "stage" in r.data.tags and "mlflow.parentRunId" in r.data.tags
               and r.info.run_name.split()[0] in ("trajectories", "distill", "evaluate")]
     assert len(stages) >= 6 and all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in stages), \
         [(r.info.run_name, r.data.tags["mlflow.parentRunId"][:8]) for r in stages]  # every stage under the ONE parent
-    distill = by_name["distill dm tiny b4 2x2"]
+    distill = by_name["distill dm tiny b8 4x2"]
     assert distill.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-    assert distill.data.tags["dvc.stage"] == "distill@tiny-4-dm-2"
-    assert distill.data.params["scale"] == by_name["evaluate dm tiny b4 2x2"].data.params["scale"] == "smoke"
+    assert distill.data.tags["dvc.stage"] == "distill@tiny-8-dm-2"
+    assert distill.data.params["scale"] == by_name["evaluate dm tiny b8 4x2"].data.params["scale"] == "smoke"
     assert parents[0].data.params["scale"] == "smoke"
     part_md5 = next(o["md5"] for o in lock["partition@tiny-2"]["outs"])
     assert distill.data.tags["lineage.partition.partition-noe2"] == part_md5
-    evaluate = by_name["evaluate dm tiny b4 2x2"]
-    syn_md5 = next(o["md5"] for o in lock["distill@tiny-4-dm-2"]["outs"])
+    evaluate = by_name["evaluate dm tiny b8 4x2"]
+    syn_md5 = next(o["md5"] for o in lock["distill@tiny-8-dm-2"]["outs"])
     assert evaluate.data.tags["lineage.synthetic.synthetic-dm-noe2"] == syn_md5
     digests = {d.dataset.digest for d in evaluate.inputs.dataset_inputs}
     assert syn_md5 in digests
@@ -175,7 +174,7 @@ def test_queued_experiments_lose_no_mlflow_runs(queued) -> None:
     for name in ("qa", "qb"):
         exp_runs = [r for r in runs if r.data.tags.get("dvc.exp_name") == name]
         names = {r.info.run_name for r in exp_runs}
-        assert {"evaluate dm tiny b4 2x2", "evaluate dm tiny b4 4x1"} <= names, (name, names)
+        assert {"evaluate dm tiny b8 4x2", "evaluate dm tiny b8 8x1"} <= names, (name, names)
 
 
 def test_one_report_holds_every_queued_experiment(queued) -> None:
@@ -232,7 +231,7 @@ def test_the_ui_compares_the_pipeline_runs_in_a_real_browser(queued) -> None:
     root, env = queued
     pipelines = [r for r in _runs(root) if r.data.tags.get("moedd.role") == "pipeline"]
     assert {r.info.run_name for r in pipelines} >= {"qa", "qb"} and len(pipelines) == 3
-    key = "acc/tiny/b4/2x2/dm/convnet3"
+    key = "acc/tiny/b8/4x2/dm/convnet3"
     shots = os.environ.get("MOEDD_SCREENSHOTS")
     proc, port = _serve_ui(root, env)
     try:
@@ -284,9 +283,9 @@ def _close_assistant(page) -> None:
 def grid_repo(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """The pipeline over two datasets (the tiny folder and another with four classes) and two
     budgets, DM at NoE 2 and 1: `dvc repro` already run."""
-    other = make_image_folder(tmp_path_factory.mktemp("other") / "folder", 12, 4, seed=1,
+    other = make_image_folder(tmp_path_factory.mktemp("other") / "folder", 24, 4, seed=1,
                               classes=["ant", "bee", "cat", "dog"])
-    return _repo(tmp_path_factory, {"tiny": tiny_folder, "other": other}, [2, 4], baselines=[], mtt_noe=[])
+    return _repo(tmp_path_factory, {"tiny": tiny_folder, "other": other}, [8, 16], baselines=[], mtt_noe=[])
 
 
 def test_one_repro_runs_every_dataset_and_budget_apart(grid_repo) -> None:
@@ -295,7 +294,7 @@ def test_one_repro_runs_every_dataset_and_budget_apart(grid_repo) -> None:
     root, env = grid_repo
     seen = set()
     for dataset in ("tiny", "other"):
-        for budget in (2, 4):
+        for budget in (8, 16):
             for noe in (2, 1):
                 meta = json.loads((root / f"data/{dataset}/synthetic/b{budget}/dm-noe{noe}/expert-0.json").read_text())
                 assert (meta["budget"], meta["noe"]) == (budget, noe)
@@ -309,8 +308,8 @@ def test_one_repro_runs_every_dataset_and_budget_apart(grid_repo) -> None:
     assert table.index("### other") < table.index("### tiny")  # one table per dataset (other data: by name)
     other, tiny = table.split("### tiny")
     for part in (other, tiny):
-        assert all(col in part for col in ("b2 1x2", "b2 2x1", "b4 2x2", "b4 4x1"))
+        assert all(col in part for col in ("b8 4x2", "b8 8x1", "b16 8x2", "b16 16x1"))
     parent = next(r for r in _runs(root) if r.data.tags.get("moedd.role") == "pipeline")
-    assert {f"acc/{d}/b{b}/{c}/dm/convnet3" for d in ("tiny", "other") for b, c in ((2, "1x2"), (4, "4x1"))} \
+    assert {f"acc/{d}/b{b}/{c}/dm/convnet3" for d in ("tiny", "other") for b, c in ((8, "4x2"), (16, "16x1"))} \
         <= set(parent.data.metrics)
 

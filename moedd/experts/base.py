@@ -198,6 +198,12 @@ class ExpertMethod(ABC):
         self.cfg, self.ctx = cfg, ctx
 
     @classmethod
+    def calibration_probe(cls, cfg: BaseModel) -> tuple[BaseModel, float]:
+        """A configuration whose iteration ``moedd plan`` times instead of ``cfg``'s, and the
+        factor that turns its time into ``cfg``'s (default: ``cfg`` itself, 1)."""
+        return cfg, 1.0
+
+    @classmethod
     def check_inputs(cls, cfg: BaseModel, spec: RunSpec) -> None:
         """Raise ConfigError (one line) for inputs this method cannot use; called before any work."""
 

@@ -109,7 +109,7 @@ from moedd.augment import DSA, DSAParams
 from moedd.augment.dsa import UnitDraw
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from moedd._graphs import RunnerSlot
 from moedd.config import ConfigError, NetTraining, OptionalDSAStrategy
@@ -310,6 +310,13 @@ class IDC(ExpertMethod):
     space = "pixel"
     decoding = "multiformation2"
     cfg: IDCConfig
+
+    @classmethod
+    def calibration_probe(cls, cfg: BaseModel) -> tuple[BaseModel, float]:
+        """An outer iteration is ``inner_loop`` alike inner steps (plus a fresh network): time 2."""
+        inner = cfg.inner_loop  # type: ignore[attr-defined]
+        probe = cfg.model_copy(update={"inner_loop": min(inner, 2)})
+        return probe, inner / min(inner, 2)
 
     def __init__(self, cfg: IDCConfig, ctx: DistillContext) -> None:
         super().__init__(cfg, ctx)
