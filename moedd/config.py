@@ -238,6 +238,10 @@ class EvaluateConfig(Section):
     dsa: bool = True
     dsa_strategy: DSAStrategy = DSA_STRATEGY
     test_batch_size: int = Field(1000, ge=1)
+    test_precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """The test pass's arithmetic: fp32, bf16 autocast, or auto (bf16 where the device computes it
+    natively: AVX512-BF16/AMX CPUs, CUDA compute capability >= 8). Training is always fp32. A
+    result-changing choice (in the checkpoint fingerprint); its accuracy cost is in docs/results.md."""
     device: str = "auto"
     checkpoint_every: int = Field(100, ge=1)
     """Epochs between checkpoints of the (network, seed) unit in training, so that `moedd evaluate`

@@ -44,6 +44,7 @@ from moedd.augment import DSA, DSAParams
 from moedd.config import ConfigError, EvaluateConfig, FusionConfig
 from moedd.device import memory_format_for
 from moedd.moe import MixupFusion
+from moedd.precision import test_dtype
 from moedd.nets import create_net
 from moedd.synthetic import DECODERS, SyntheticSet
 
@@ -120,14 +121,18 @@ def normalize_test(images_u8: Tensor, mean: tuple[float, ...], std: tuple[float,
 
 
 @torch.inference_mode()
-def test_accuracy(net: torch.nn.Module, images: Tensor, labels: Tensor, batch_size: int) -> float:
-    """Top-1 accuracy (fraction) on the whole test set, in large inference-mode batches."""
+def test_accuracy(net: torch.nn.Module, images: Tensor, labels: Tensor, batch_size: int,
+                  dtype: torch.dtype = torch.float32) -> float:
+    """Top-1 accuracy (fraction) on the whole test set, in large inference-mode batches; with
+    ``dtype`` bfloat16 the network runs under bf16 autocast (``evaluate.test_precision``)."""
     net.eval()
-    fmt = memory_format_for(net, images.device)
-    correct = torch.zeros((), dtype=torch.long, device=images.device)
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].contiguous(memory_format=fmt)
-        correct += (net(x).argmax(1) == labels[i : i + batch_size]).sum()
+    dev = images.device
+    fmt = memory_format_for(net, dev)
+    correct = torch.zeros((), dtype=torch.long, device=dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].contiguous(memory_format=fmt)
+            correct += (net(x).argmax(1) == labels[i : i + batch_size]).sum()
     return correct.item() / len(images)
 
 
@@ -457,7 +462,7 @@ def _train_unit(
     cb = (lambda e: on_epoch(name, seed, e)) if on_epoch else None
     stats = (lambda e, a, loss: on_curve(name, seed, e, a, loss)) if on_curve else None
     net = train_network(name, data, cfg, fusion, seed, num_classes, cb, resume=state, checkpoint=save, on_stats=stats)
-    acc = test_accuracy(net, test_x, test_y, cfg.test_batch_size)
+    acc = test_accuracy(net, test_x, test_y, cfg.test_batch_size, test_dtype(cfg.test_precision, test_x.device))
     record = UnitRecord(name, seed, acc, before + time.perf_counter() - t0)
     if checkpoints is not None:
         checkpoints.finish(record)

@@ -71,3 +71,20 @@ def test_multiformation_decodes_four_upsampled_quadrants() -> None:
     dx, dy = DECODERS.get("multiformation2")(x, torch.tensor([7]))
     assert dx.shape == (4, 1, 4, 4) and dy.tolist() == [7, 7, 7, 7]
     assert [float(v) for v in dx.mean((1, 2, 3))] == [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("precision, expected", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_test_pass_runs_in_the_precision_asked_for(tiny_prepared, precision: str, expected) -> None:
+    """evaluate.test_precision reaches the test pass: the convolutions compute in bf16 under it and
+    in fp32 without (training is fp32 either way). Its accuracy cost is measured on real data by
+    benchmarks/bf16_test_pass.py (docs/results.md), not asserted here."""
+    from moedd.nets import create_net
+    from moedd.precision import test_dtype
+
+    net = create_net("convnet3", 3)
+    seen = []
+    net.features[0].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    x = torch.randn(12, 3, 32, 32)
+    acc = accuracy_of(net, x, torch.zeros(12, dtype=torch.long), 5, test_dtype(precision, CPU))
+    assert 0.0 <= acc <= 1.0 and seen and set(seen) == {expected}
+    assert test_dtype("auto", CPU) in (torch.float32, torch.bfloat16)
