@@ -18,9 +18,10 @@ its code (``ExpertMethod.scales``), so a new method brings its sizes with it.
 
 Precedence, lowest first: the config classes' defaults < the scale < the preset row of the
 dataset and IPC (``moedd.params.method_config``) < what params.yaml or ``-S`` sets. The scale only
-fills settings that params.yaml leaves out, so params.yaml does not write the paper-scale sizes
-itself (it would override every scale); :func:`apply_scale` returns which keys it filled, so that
-a preset row still wins over them.
+fills settings that params.yaml leaves ``null`` (or out), so params.yaml does not write the
+paper-scale sizes itself (it would override every scale) but lists each scaled key as ``null``,
+for ``dvc exp run -S`` to find; :func:`apply_scale` returns which keys it filled, so that a preset
+row still wins over them.
 """
 
 from __future__ import annotations
@@ -77,13 +78,29 @@ def _has(tree: dict[str, Any], dotted: str) -> bool:
     return True
 
 
+def scaled_keys() -> list[str]:
+    """Every dotted key some scale sets (params.yaml writes each as ``null``)."""
+    return list(dict.fromkeys(k for name in SCALES for k in scale_settings(name)))
+
+
 def apply_scale(tree: dict[str, Any]) -> frozenset[str]:
     """Fill ``tree`` (params.yaml with overrides applied) with the settings of its ``scale`` that
-    it leaves out; return the dotted keys filled."""
+    it leaves out or writes as ``null``; return the dotted keys filled.
+
+    params.yaml lists every scaled key as ``null`` ("the scale decides"), so that ``dvc exp run -S
+    evaluate.epochs=300`` finds the key it overrides; a ``null`` the scale does not set is dropped
+    (the class default applies), and a key with a value wins over the scale."""
     from moedd.config import set_dotted
 
+    for dotted in scaled_keys():
+        *parents, leaf = dotted.split(".")
+        node: Any = tree
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] is None:
+            del node[leaf]
     filled = []
-    for dotted, value in scale_settings(tree.get("scale", "paper")).items():
+    for dotted, value in scale_settings(tree.get("scale") or "paper").items():
         if not _has(tree, dotted):
             set_dotted(tree, dotted, value)
             filled.append(dotted)
