@@ -49,7 +49,7 @@ def report(
     try:
         from moedd.tracking import log_report
 
-        log_report(params, md, run_metrics(rows))
+        log_report(params, md, run_metrics(rows), over_experiments=experiments)
     except Exception as err:  # the table is printed either way; MLflow is a bonus here
         console.log(f"could not log the report to MLflow: {err}")
 

@@ -418,12 +418,20 @@ def ui_url(host: str, port: int, exp_id: str) -> str:
             f"?workflowType=machine_learning&viewStateShareKey={CELLS_VIEW}")
 
 
-def log_report(params: Params, markdown: str, metrics: dict[str, float]) -> None:
+def log_report(params: Params, markdown: str, metrics: dict[str, float], over_experiments: bool = False) -> None:
     """The report table (an artifact) and every cell (metrics) on the pipeline's parent run (DVC skips
-    cached stages; the report sees them all), and the cells' columns in the saved view."""
+    cached stages; the report sees them all), and the cells' columns in the saved view. A report
+    over several experiments (``moedd report --experiments``) is no one pipeline's: it goes to a run
+    of its own, named ``report over experiments`` and tagged ``moedd.role=report``."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
-    parent = parent_run_id(params)
+    if over_experiments:
+        with mlflow.start_run(experiment_id=init_tracking(params.mlflow), run_name="report over experiments",
+                              tags={ROLE_TAG: "report", **lineage_tags()}) as run:
+            parent = run.info.run_id
+    else:
+        parent = parent_run_id(params)
     MlflowClient().log_text(parent, markdown, "report/table.md")
     log_metric_rows(parent, [{"step": 0, **metrics}])
     exp_id = MlflowClient().get_run(parent).info.experiment_id

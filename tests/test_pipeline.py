@@ -187,6 +187,8 @@ def test_one_report_holds_every_queued_experiment(queued) -> None:
     assert "| DM (no fusion) | ConvNet-3 |" in table and "| DM | ConvNet-3 |" in table
     assert "Ablations: no fusion = " in table
     assert not list((root / "metrics/evaluate").rglob("*nofusion*"))  # the workspace was not touched
+    union = [r for r in _runs(root) if r.data.tags.get("moedd.role") == "report"]
+    assert len(union) == 1 and union[0].data.metrics["acc/tiny/b8/4x2/dm-nofusion/convnet3"] >= 0  # its own run
 
 
 def _serve_ui(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
@@ -231,7 +233,7 @@ def test_the_ui_compares_the_pipeline_runs_in_a_real_browser(queued) -> None:
     root, env = queued
     pipelines = [r for r in _runs(root) if r.data.tags.get("moedd.role") == "pipeline"]
     assert {r.info.run_name for r in pipelines} >= {"qa", "qb"} and len(pipelines) == 3
-    key = "acc/tiny/b8/4x2/dm/convnet3"
+    key = "acc/tiny/b8/8x1/dm/convnet3"  # a cell every run has (qb's mixtures are its no-fusion variant)
     shots = os.environ.get("MOEDD_SCREENSHOTS")
     proc, port = _serve_ui(root, env)
     try:
@@ -246,7 +248,7 @@ def test_the_ui_compares_the_pipeline_runs_in_a_real_browser(queued) -> None:
             assert len(rows) == len(pipelines), rows  # pipeline runs only, no stage run
             for run in pipelines:
                 assert sum(run.info.run_name in cells for cells in rows) == 1, (run.info.run_name, rows)
-            cells = sorted(k for k in pipelines[0].data.metrics if k.startswith("acc/"))
+            cells = sorted({k for run in pipelines for k in run.data.metrics if k.startswith("acc/")})
             assert key in cells and set(cells) <= headers, (cells, headers)
             values = page.locator("[role=row]").all_inner_texts()
             for run in pipelines:  # each run's accuracy is in the table (the grid shows 2 significant places or more)
