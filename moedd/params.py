@@ -96,10 +96,6 @@ class Params(Section):
         for noe in [*self.grid.noe, *self.grid.mtt_noe]:
             for budget in dict.fromkeys([self.distill.budget, *self.grid.budgets]):
                 check_budget(budget, noe)
-        if self.grid.experts or self.grid.mtt_noe:  # methods with a diversity term in the grid
-            for noe in [*self.grid.noe, *self.grid.mtt_noe]:
-                for budget in self.grid.budgets:
-                    check_dcor_rows(self.distill, budget // noe, noe)
         for name in self.grid.datasets:
             if name not in self.datasets:
                 raise ValueError(f"grid.datasets lists {name!r}, which `datasets` does not define "
@@ -110,6 +106,10 @@ class Params(Section):
         if missing:  # the partition stage only makes partitions for grid.noe
             raise ValueError(f"grid.mtt_noe lists NoE {', '.join(map(str, missing))} but grid.noe does not; "
                              "MTT needs the partitions of grid.noe: add them there")
+        if self.grid.experts or self.grid.mtt_noe:  # methods with a diversity term in the grid
+            for noe in [*self.grid.noe, *self.grid.mtt_noe]:
+                for budget in self.grid.budgets:
+                    check_dcor_rows(self.distill, budget // noe, noe)
         check_presets(self)
         return self
 
