@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from . import data, distill, evaluate, plan, reference, report, tools, trajectories
+from . import data, distill, evaluate, interchange, plan, reference, report, tools, trajectories
 
 app = typer.Typer(
     name="moedd",
@@ -24,6 +24,8 @@ for _command in (tools.init, tools.ui, data.prepare, data.partition, trajectorie
                  evaluate.evaluate, reference.full_data, report.report, plan.plan, tools.show):
     app.command()(_command)
 app.command(name="list")(tools.list_components)
+app.command()(interchange.export)
+app.command(name="import")(interchange.import_set)
 
 
 def run() -> None:
