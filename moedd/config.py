@@ -251,20 +251,12 @@ class EvaluateConfig(Section):
     @field_validator("nets")
     @classmethod
     def _known_nets(cls, v: list[str]) -> list[str]:
-        from moedd.nets import NETS
-
-        if not v:
-            raise ValueError("evaluate.nets must name at least one network")
-        for name in v:
-            NETS.get(name)
-        return v
+        return _networks(v, "evaluate.nets")
 
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
-        if not v or len(set(v)) != len(v):
-            raise ValueError("evaluate.seeds must be a non-empty list of distinct seeds")
-        return v
+        return _seed_list(v, "evaluate.seeds")
 
     @field_validator("device")
     @classmethod
@@ -290,20 +282,12 @@ class FullDataConfig(Section):
     @field_validator("nets")
     @classmethod
     def _known_nets(cls, v: list[str]) -> list[str]:
-        from moedd.nets import NETS
-
-        if not v or len(set(v)) != len(v):  # the report stage depends on the reference's metrics
-            raise ValueError("full_data.nets must name at least one network, each once")
-        for name in v:
-            NETS.get(name)
-        return v
+        return _networks(v, "full_data.nets")  # the report stage depends on the reference's metrics
 
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
-        if not v or len(set(v)) != len(v):
-            raise ValueError("full_data.seeds must be a non-empty list of distinct seeds")
-        return v
+        return _seed_list(v, "full_data.seeds")
 
 
 class MlflowConfig(Section):
@@ -322,6 +306,23 @@ class MlflowConfig(Section):
             )
         return v
 
+
+
+def _networks(v: list[str], field: str) -> list[str]:
+    """A non-empty list of distinct registered networks (an unknown name: one line, with the choices)."""
+    from moedd.nets import NETS
+
+    if not v or len(set(v)) != len(v):
+        raise ValueError(f"{field} must name at least one network, each once")
+    for name in v:
+        NETS.get(name)
+    return v
+
+
+def _seed_list(v: list[int], field: str) -> list[int]:
+    if not v or len(set(v)) != len(v):
+        raise ValueError(f"{field} must be a non-empty list of distinct seeds")
+    return v
 
 
 def _check_device(v: str) -> str:

@@ -28,7 +28,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,19 +295,22 @@ def _trajectories(p: Params, costs: UnitCosts, shapes: dict[str, DataShape]) -> 
     return line
 
 
-def _distill(p: Params, costs: UnitCosts, shapes: dict[str, DataShape]) -> Line:
-    line = Line("distill", 0, 0.0, "iterations x measured iteration")
-    ev = p.evaluate
+def _grid_cells(p: Params, shapes: dict[str, DataShape]) -> Iterator[tuple[DataShape, int, str, int, int, Any]]:
+    """Every (data, budget, method, NoE, IPC, effective config) set of the grid, MTT's included."""
     for name in p.grid.datasets:
         data = shapes[name]
         for budget in p.grid.budgets:
             cells = [(m, n) for m in [*p.grid.experts, *p.grid.baselines] for n in p.grid.noe]
-            cells += [("mtt", n) for n in p.grid.mtt_noe]
-            for method, noe in cells:
+            for method, noe in cells + [("mtt", n) for n in p.grid.mtt_noe]:
                 ipc = check_budget(budget, noe)
-                cfg, _ = method_config(p, method, ipc, data.paper)
-                line.cells += 1
-                line.seconds += _distill_cell(method, cfg, data, noe, ipc, costs, ev.batch_size)
+                yield data, budget, method, noe, ipc, method_config(p, method, ipc, data.paper)[0]
+
+
+def _distill(p: Params, costs: UnitCosts, shapes: dict[str, DataShape]) -> Line:
+    line = Line("distill", 0, 0.0, "iterations x measured iteration")
+    for data, _budget, method, noe, ipc, cfg in _grid_cells(p, shapes):
+        line.cells += 1
+        line.seconds += _distill_cell(method, cfg, data, noe, ipc, costs, p.evaluate.batch_size)
     return line
 
 
@@ -327,18 +330,12 @@ def _distill_cell(method: str, cfg: Any, data: DataShape, noe: int, ipc: int, co
 def _evaluate(p: Params, costs: UnitCosts, shapes: dict[str, DataShape], dsa: str | None) -> Line:
     ev = p.evaluate
     line = Line("evaluate", 0, 0.0, f"{len(ev.nets)} nets x {len(ev.seeds)} seeds x {ev.epochs} epochs")
-    for name in p.grid.datasets:
-        data = shapes[name]
-        for budget in p.grid.budgets:
-            cells = [(m, n) for m in [*p.grid.experts, *p.grid.baselines] for n in p.grid.noe]
-            cells += [("mtt", n) for n in p.grid.mtt_noe]
-            for method, noe in cells:
-                cfg, _ = method_config(p, method, check_budget(budget, noe), data.paper)
-                images = data.num_classes * budget * _decoded_per_stored(cfg)
-                line.cells += 1
-                for net in ev.nets:
-                    epoch = costs.epoch(net, data, images, ev.batch_size, dsa)
-                    line.seconds += len(ev.seeds) * (ev.epochs * epoch + costs.test_pass(net, data))
+    for data, budget, _method, _noe, _ipc, cfg in _grid_cells(p, shapes):
+        images = data.num_classes * budget * _decoded_per_stored(cfg)
+        line.cells += 1
+        for net in ev.nets:
+            epoch = costs.epoch(net, data, images, ev.batch_size, dsa)
+            line.seconds += len(ev.seeds) * (ev.epochs * epoch + costs.test_pass(net, data))
     return line
 
 
