@@ -19,7 +19,8 @@ from .progress import bars, console
 
 @_user_errors
 def distill(
-    expert: Annotated[str, typer.Option(help=f"Expert method: {' | '.join(EXPERTS.names())}.")],
+    expert: Annotated[str, typer.Option(help=f"Expert method: {' | '.join(EXPERTS.names())}; or one per expert, "
+                                              "e.g. idc,idm (a heterogeneous mixture: expert k runs the k-th).")],
     noe: Annotated[int, typer.Option(help="Number of experts; each distills budget/NoE images per class.")] = 2,
     budget: Annotated[int | None, typer.Option(help="Images per class in total (default: distill.budget).")] = None,
     iterations: Annotated[int | None, typer.Option(help="Override experts.<expert>.iterations.")] = None,
@@ -34,18 +35,22 @@ def distill(
     params_path: ParamsOpt = None,
     sets: SetOpt = None,
 ) -> None:
-    """Distill the training set with NoE experts of one method, jointly, on their own shards."""
-    method = EXPERTS.get(expert)
+    """Distill the training set with NoE experts, jointly, each on its own shard: one method for
+    every expert, or one per expert (--expert idc,idm)."""
+    from moedd.moe.mixture import mixture_name, parse_methods
+
+    methods = parse_methods(expert, EXPERTS.names())
+    name, kinds = mixture_name(methods), [EXPERTS.get(m) for m in methods]
     params = _params(params_path, sets, **{
         "distill.budget": budget, "distill.device": device,
-        f"experts.{expert}.iterations": iterations,
+        **{f"experts.{m}.iterations": iterations for m in methods},
     })
     ipc = check_budget(params.distill.budget, noe)
-    if plots is not None and not method.optimises:
+    if plots is not None and not any(k.optimises for k in kinds):
         raise ConfigError(f"--plots: {expert} selects real images and has no loss curve to plot")
-    if method.needs_trajectories and trajectories is None:
+    if any(k.needs_trajectories for k in kinds) and trajectories is None:
         trajectories = Path(f"data/trajectories/noe{noe}")
-    _run_distill(params, expert, noe, ipc, prepared, partition_path, out, metrics, plots, _checkpoints(checkpoint_dir),
+    _run_distill(params, name, noe, ipc, prepared, partition_path, out, metrics, plots, _checkpoints(checkpoint_dir),
                  trajectories)
 
 
@@ -93,14 +98,14 @@ def _run_distill(
     target = out or Path(f"data/synthetic/{expert}-noe{noe}")
     stage_params = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget, "device": str(device),
                     "scale": params.scale,
-                    **flatten(params.distill, "distill."), **flatten(plan.config, f"experts.{expert}."),
-                    "preset": plan.preset_label}
+                    **flatten(params.distill, "distill."), "preset": plan.preset_label,
+                    **{k: v for m, c in plan.sections.items() for k, v in flatten(c, f"experts.{m}.").items()}}
     cell = cell_tags(expert, params.distill.budget, ipc, noe, prep.name, prep.paper)
     name = f"distill {expert} {cell['dataset']} b{params.distill.budget} {cell['config']}"
     with stage_run(params, name, stage_params, {"stage": "distill", "expert": expert, **cell}) as run:
         console.log(f"{name} on {prep.name} ({prep.num_classes} classes), device {device}, MLflow run {run.info.run_id[:8]}")
         _log_inputs(prepared, prep, part_file, part, trajectories_path, traj, noe)
-        with ExpertRuns(run.info.run_id, expert, noe, ipc) as runs:
+        with ExpertRuns(run.info.run_id, plan.methods, noe, ipc) as runs:
             result = _optimise(params, plan, prep, part, device, checkpoint_dir, traj, runs)
             written = save_synthetic(target, list(result.images), [result.labels] * noe, result.metas, result.zca)
             runs.finish(result.images, result.metas, result.zca)
@@ -133,19 +138,19 @@ def _optimise(params: Params, plan: Any, prep: Any, part: Any, device: Any, chec
     from moedd.distill import run_distillation
     from moedd.tracking import git_commit
 
-    expert, noe = plan.method, plan.noe
+    labels = [f"{m} expert {k}" for k, m in enumerate(plan.methods)]
     with bars() as b:
-        for k in range(noe):
-            b.add(f"{expert} expert {k}", plan.iterations)
+        for label in labels:
+            b.add(label, plan.iterations)
 
         def on_log(done: int, _total: int, rows: list[dict[str, float]]) -> None:
             last = rows[-1] if rows else {}
-            for k in range(noe):
+            for k, label in enumerate(labels):
                 loss = last.get(f"match_e{k}", last.get("match"))
-                b.update(f"{expert} expert {k}", done, f"loss {loss:.4g}" if loss is not None else "")
+                b.update(label, done, f"loss {loss:.4g}" if loss is not None else "")
             runs.log(rows)
 
-        return run_distillation(expert, params, prep, part, device, checkpoint_dir, on_log, git_commit(), traj, plan)
+        return run_distillation(plan.method, params, prep, part, device, checkpoint_dir, on_log, git_commit(), traj, plan)
 
 
 def _write_plots(path: Path | None, history: list[dict[str, float]]) -> None:

@@ -45,20 +45,20 @@ def evaluate(
     })
     syn, prep, dev = load_synthetic(synthetic), load_prepared(prepared), resolve_device(params.evaluate.device)
     _check(syn, prep, params)
-    m, cfg, fused = syn.meta, params.evaluate, fusion_effective(syn, params.fusion)
-    protocol = _protocol(m, params, fused)
-    cell = cell_tags(m.method, m.budget, m.ipc, m.noe, prep.name, prep.paper)
-    name = f"evaluate {m.method} {cell['dataset']} b{m.budget} {cell['config']}"
-    with stage_run(params, name, {"expert": m.method, "noe": m.noe, "ipc": m.ipc, "budget": m.budget, **protocol},
-                   {"stage": "evaluate", "expert": m.method, **cell}) as run:
+    m, cfg, fused, method = syn.meta, params.evaluate, fusion_effective(syn, params.fusion), syn.method
+    protocol = _protocol(syn, params, fused)
+    cell = cell_tags(method, m.budget, m.ipc, m.noe, prep.name, prep.paper)
+    name = f"evaluate {method} {cell['dataset']} b{m.budget} {cell['config']}"
+    with stage_run(params, name, {"expert": method, "noe": m.noe, "ipc": m.ipc, "budget": m.budget, **protocol},
+                   {"stage": "evaluate", "expert": method, **cell}) as run:
         console.log(f"{name}: {len(cfg.nets)} nets x {len(cfg.seeds)} seeds x {cfg.epochs} epochs, fusion {fused}, "
                     f"device {dev}, MLflow run {run.info.run_id[:8]}")
         _log_inputs(synthetic, prepared, syn, prep)
-        store = EvaluationCheckpoints.for_cell(_checkpoints(checkpoint_dir) / "evaluate", f"{m.method}-{m.ipc}x{m.noe}",
+        store = EvaluationCheckpoints.for_cell(_checkpoints(checkpoint_dir) / "evaluate", f"{method}-{m.ipc}x{m.noe}",
                                                syn, prep.test_images, prep.test_labels, cfg, params.fusion)
         for other in store.others():
             console.log(f"ignoring {other}: evaluation checkpoints of another protocol, set or test data")
-        with EvaluationRuns(run.info.run_id, cell, {"expert": m.method, "noe": m.noe, "ipc": m.ipc},
+        with EvaluationRuns(run.info.run_id, cell, {"expert": method, "noe": m.noe, "ipc": m.ipc},
                             DISPLAY_NAMES) as runs:
             results = _train(syn, prep, params, dev, store, runs)
             runs.finish(results)
@@ -82,7 +82,7 @@ def _log_inputs(synthetic: Path, prepared: Path, syn: Any, prep: Any) -> None:
     from moedd.tracking import log_input
 
     m = syn.meta
-    log_input(synthetic, f"synthetic-{m.method}-noe{m.noe}", "synthetic", ",".join(x.sha256[:16] for x in syn.metas))
+    log_input(synthetic, f"synthetic-{syn.method}-noe{m.noe}", "synthetic", ",".join(x.sha256[:16] for x in syn.metas))
     log_input(prepared, "prepared", "data", prep.digest)
 
 
@@ -93,11 +93,17 @@ def _say(out: dict[str, Any]) -> None:
         console.log(f"{DISPLAY_NAMES.get(net, net):>10}: {r['mean']:.2f}{spread} % (n={len(r['accs'])})")
 
 
-def _protocol(m: Any, params: Any, fused: str) -> dict[str, Any]:
-    """The evaluation protocol as the stage run's params: settings, fusion, lr used, decoding."""
+def _protocol(syn: Any, params: Any, fused: str) -> dict[str, Any]:
+    """The evaluation protocol as the stage run's params: settings, fusion, the learning rate used
+    and where it came from, the common input space, each expert's decoding and space."""
+    from moedd.evaluate import common_space, training_lr
+
     cfg = params.evaluate
+    lr, source = training_lr(syn, cfg.lr)
     return {**flatten(cfg, "evaluate."), **flatten(params.fusion, "fusion."), "fusion.effective": fused, "scale": params.scale,
-            "lr_used": m.learned_lr if m.learned_lr is not None else cfg.lr, "decoding": m.decoding}
+            "lr_used": lr, "lr_source": source, "space": common_space(syn),
+            "decoding": ",".join(dict.fromkeys(x.decoding for x in syn.metas)),
+            "expert_spaces": ",".join(syn.spaces), "soft_labels": syn.soft is not None}
 
 
 def _summary(syn: Any, prep: Any, params: Any, fused: str, results: dict[str, Any]) -> dict[str, Any]:
@@ -107,8 +113,8 @@ def _summary(syn: Any, prep: Any, params: Any, fused: str, results: dict[str, An
 
     m, cfg = syn.meta, params.evaluate
     # the diversity term acted only where images were optimised by several experts (not random/herding)
-    distill = m.config.get("distill", {}) if m.iterations > 0 and m.noe > 1 else {}
-    return {"method": m.method, "noe": m.noe, "ipc": m.ipc, "budget": m.budget, "dataset": prep.name,
+    distill = m.config.get("distill", {}) if any(x.iterations > 0 for x in syn.metas) and m.noe > 1 else {}
+    return {"method": syn.method, "noe": m.noe, "ipc": m.ipc, "budget": m.budget, "dataset": prep.name,
             "classes": len(prep.classes), "paper_dataset": PAPER_KEYS.get(prep.paper or ""),
             "fusion": fused, "epochs": cfg.epochs, "seeds": cfg.seeds, "scale": params.scale,
             "distill_scale": m.config.get("scale", "paper"), "dcor_weight": distill.get("dcor_weight"),

@@ -29,6 +29,7 @@ from moedd._atomic import save_torch
 from moedd.config import ConfigError, check_budget, check_dcor_rows
 from moedd.data import Partition, Prepared, check_ipc_fits
 from moedd.experts import EXPERTS, DistillContext, ExpertMethod, RunSpec
+from moedd.moe.mixture import Mixture, MixtureConfig, mixture_name, parse_methods
 from moedd.params import Params, PresetChoice, method_config
 from moedd.synthetic import SyntheticMeta
 
@@ -63,8 +64,11 @@ class RunPlan:
     ipc: int
     """Synthetic images per class per expert (budget / NoE)."""
     config: BaseModel
-    """The effective ``experts.<method>`` section: class defaults < preset row < explicit keys."""
+    """The effective ``experts.<method>`` section: class defaults < preset row < explicit keys
+    (a mixture: :class:`MixtureConfig`, its members' sections)."""
     preset: PresetChoice | None
+    members: tuple["RunPlan", ...] = ()
+    """A heterogeneous mixture's one-expert plans, expert k = member k (``moedd.moe.mixture``)."""
 
     @property
     def iterations(self) -> int:
@@ -72,35 +76,89 @@ class RunPlan:
 
     @property
     def preset_label(self) -> str:
+        if self.members:
+            return "+".join(m.preset_label for m in self.members)
         return self.preset.label if self.preset else "none"
+
+    @property
+    def methods(self) -> list[str]:
+        """The method of each expert, in order."""
+        return [m.method for m in self.members] if self.members else [self.method] * self.noe
+
+    @property
+    def sections(self) -> dict[str, BaseModel]:
+        """Each method's effective ``experts.<method>`` section (one for a homogeneous run)."""
+        return {m.method: m.config for m in self.members} if self.members else {self.method: self.config}
 
 
 def plan_run(name: str, params: Params, prepared: Prepared, partition: Partition,
              device: torch.device | None = None, trajectories: Any = None) -> RunPlan:
     """Every check of a run that needs the data, cheap and before any work; the resolved run.
 
+    ``name`` is a method, or a heterogeneous mixture (``idc+idm`` / ``idc,idm``: expert k runs the
+    k-th method, ``moedd.moe.mixture``), which needs one method per expert.
+
     Raises:
         ConfigError: one line, for inputs that do not fit together (budget / NoE, IPC against the
             smallest class of a shard, digests of partition and teachers, the method's checks).
     """
-    cls = EXPERTS.get(name)
+    methods = parse_methods(name, EXPERTS.names())
     ipc = check_budget(params.distill.budget, partition.noe)
+    if len(set(methods)) > 1 and len(methods) != partition.noe:
+        raise ConfigError(f"--expert {name} names {len(methods)} methods for {partition.noe} experts: give one "
+                          f"method (every expert runs it) or one per expert")
     if partition.data_digest and partition.data_digest != prepared.digest:
         raise ConfigError("the partition was made from other data (digest differs); rerun `moedd partition`")
     check_ipc_fits(partition, prepared.train_labels, prepared.num_classes, ipc)
-    if cls.optimises:
+    if any(EXPERTS.get(m).optimises for m in methods):
         check_dcor_rows(params.distill, ipc, partition.noe)
-    cfg, preset = method_config(params, name, ipc, prepared.paper)  # a bad preset choice fails here
     if trajectories is not None:
-        meta = trajectories.meta
-        if meta.get("partition_digest") and meta["partition_digest"] != partition.digest:
-            raise ConfigError("the teacher trajectories were trained on another partition; rerun `moedd trajectories`")
-        if meta.get("data_digest") and meta["data_digest"] != prepared.digest:
-            raise ConfigError("the teacher trajectories were trained on other data; rerun `moedd trajectories`")
-    spec = RunSpec(partition.noe, ipc, prepared.num_classes, tuple(prepared.image_shape), params.distill.net,
-                   device or torch.device("cpu"), trajectories)
-    cls.check_inputs(cfg, spec)
-    return RunPlan(name, partition.noe, ipc, cfg, preset)
+        _check_teachers(trajectories, prepared, partition)
+    dev = device or torch.device("cpu")
+    if len(set(methods)) == 1:
+        return _plan_one(methods[0], params, prepared, partition.noe, ipc, dev, trajectories)
+    if any(EXPERTS.get(m).needs_trajectories for m in methods) and trajectories is None:
+        raise ConfigError(f"--expert {name}: its MTT expert needs teacher trajectories (`moedd trajectories`, --trajectories)")
+    members = tuple(
+        _plan_one(m, params, prepared, 1, ipc, dev, shard_teachers(trajectories, k) if EXPERTS.get(m).needs_trajectories else None)
+        for k, m in enumerate(methods))
+    cfg = MixtureConfig(methods=methods, members=[m.config.model_dump() for m in members],
+                        iterations=max(m.iterations for m in members))
+    return RunPlan(mixture_name(methods), partition.noe, ipc, cfg, None, members)
+
+
+def _plan_one(name: str, params: Params, prepared: Prepared, noe: int, ipc: int, device: torch.device,
+              trajectories: Any) -> RunPlan:
+    """One method's resolved config and its own checks, for ``noe`` experts."""
+    cfg, preset = method_config(params, name, ipc, prepared.paper)  # a bad preset choice fails here
+    spec = RunSpec(noe, ipc, prepared.num_classes, tuple(prepared.image_shape), params.distill.net, device, trajectories)
+    EXPERTS.get(name).check_inputs(cfg, spec)
+    return RunPlan(name, noe, ipc, cfg, preset)
+
+
+def _check_teachers(trajectories: Any, prepared: Prepared, partition: Partition) -> None:
+    meta = trajectories.meta
+    if meta.get("partition_digest") and meta["partition_digest"] != partition.digest:
+        raise ConfigError("the teacher trajectories were trained on another partition; rerun `moedd trajectories`")
+    if meta.get("data_digest") and meta["data_digest"] != prepared.digest:
+        raise ConfigError("the teacher trajectories were trained on other data; rerun `moedd trajectories`")
+
+
+def shard_teachers(trajectories: Any, k: int) -> Any:
+    """The teachers of shard k as a one-shard set (a mixture's MTT member), refusing a set made
+    for another number of shards."""
+    from moedd.trajectories import ShardTrajectories
+
+    if int(trajectories.meta["noe"]) <= k:
+        raise ConfigError(f"the trajectories were trained for NoE={trajectories.meta['noe']}, the mixture's MTT "
+                          f"expert is expert {k}")
+    return ShardTrajectories(trajectories, k)
+
+
+def member_seed(seed: int, k: int) -> int:
+    """The seed of a mixture's member k: derived from (distill.seed, k), so two members of one
+    run never replay each other's draws."""
+    return (seed * 1_000_003 + 7_919 * (k + 1)) % (2**31 - 1)
 
 
 def build_method(name: str, params: Params, prepared: Prepared, partition: Partition, device: torch.device,
@@ -110,15 +168,26 @@ def build_method(name: str, params: Params, prepared: Prepared, partition: Parti
     plan = plan or plan_run(name, params, prepared, partition, device, trajectories)
     images = prepared.train_images.to(device)
     labels = prepared.train_labels.to(device)
-    ctx = DistillContext(
-        shard_images=[images[s.to(device)] for s in partition.shards],
-        shard_labels=[labels[s.to(device)] for s in partition.shards],
-        num_classes=prepared.num_classes, ipc=plan.ipc, mean=prepared.mean, std=prepared.std,
-        device=device, net=params.distill.net, dcor_weight=params.distill.dcor_weight,
-        dcor_estimator=params.distill.dcor_estimator, seed=params.distill.seed,
-        trajectories=trajectories,
-    )
-    return EXPERTS.get(name)(plan.config, ctx)
+    shard_images = [images[s.to(device)] for s in partition.shards]
+    shard_labels = [labels[s.to(device)] for s in partition.shards]
+
+    def context(shards: list[int], seed: int, teachers: Any) -> DistillContext:
+        return DistillContext(
+            shard_images=[shard_images[k] for k in shards], shard_labels=[shard_labels[k] for k in shards],
+            num_classes=prepared.num_classes, ipc=plan.ipc, mean=prepared.mean, std=prepared.std,
+            device=device, net=params.distill.net, dcor_weight=params.distill.dcor_weight,
+            dcor_estimator=params.distill.dcor_estimator, seed=seed, trajectories=teachers,
+        )
+
+    ctx = context(list(range(partition.noe)), params.distill.seed, trajectories)
+    if not plan.members:
+        return EXPERTS.get(plan.method)(plan.config, ctx)
+    members = []
+    for k, m in enumerate(plan.members):
+        teachers = shard_teachers(trajectories, k) if EXPERTS.get(m.method).needs_trajectories else None
+        members.append(EXPERTS.get(m.method)(m.config, context([k], member_seed(params.distill.seed, k), teachers)))
+    zca = next((x.zca for x in members if getattr(x, "zca", None) is not None), None)
+    return Mixture(plan.config, ctx, members, zca)  # type: ignore[arg-type]
 
 
 SPEED_ONLY = frozenset({"real_chunk", "match_pass", "class_chunk", "max_memory_gb"})
@@ -137,6 +206,8 @@ def fingerprint(plan: RunPlan, params: Params, prepared: Prepared, partition: Pa
     checkpoint survives code changes, as a resumed run is expected to.
     """
     cfg = plan.config.model_dump(exclude=set(SPEED_ONLY))
+    if plan.members:
+        cfg["members"] = [{k: v for k, v in m.items() if k not in SPEED_ONLY} for m in cfg["members"]]
     d = params.distill.model_dump(exclude={"device", "checkpoint_every", "log_every"})
     teachers = trajectories.meta if trajectories is not None else None
     blob = json.dumps([plan.method, cfg, d, prepared.digest, partition.digest, teachers], sort_keys=True, default=str)
@@ -229,25 +300,29 @@ def run_distillation(
     plan = plan or plan_run(name, params, prepared, partition, device, trajectories)
     method = build_method(name, params, prepared, partition, device, trajectories, plan)
     fp = fingerprint(plan, params, prepared, partition, trajectories)
-    ckpt = checkpoint_dir / f"{name}-noe{partition.noe}-{fp}.pt" if checkpoint_dir else None
+    ckpt = checkpoint_dir / f"{plan.method}-noe{partition.noe}-{fp}.pt" if checkpoint_dir else None
     images, history, start = optimise(
         method, ckpt, fp, params.distill.checkpoint_every, params.distill.log_every, on_log
     )
     labels = method.ctx.labels().cpu()
     ipc = plan.ipc
     zca = getattr(method, "zca", None)
+    experts = method.members if isinstance(method, Mixture) else [method] * partition.noe
+    plans = plan.members or (plan,) * partition.noe
     metas = [
         SyntheticMeta(
-            method=name, expert=k, noe=partition.noe, ipc=ipc, budget=params.distill.budget,
-            classes=prepared.classes, image_shape=list(prepared.image_shape), space=method.space,  # type: ignore[arg-type]
-            mean=list(prepared.mean), std=list(prepared.std), decoding=method.decoding,
-            learned_lr=method.learned_lr(), data_digest=prepared.digest, partition_digest=partition.digest,
-            shard_size=len(partition.shards[k]), seed=params.distill.seed, iterations=method.iterations,
-            net=params.distill.net, git_commit=git_commit, zca_digest=zca.digest if zca is not None else "",
-            config={"distill": params.distill.model_dump(), name: plan.config.model_dump(),
-                    "preset": plan.preset_label, "scale": params.scale},
+            method=p.method, expert=k, noe=partition.noe, ipc=ipc, budget=params.distill.budget,
+            classes=prepared.classes, image_shape=list(prepared.image_shape), space=e.space,  # type: ignore[arg-type]
+            mean=list(prepared.mean), std=list(prepared.std), decoding=e.decoding,
+            learned_lr=e.learned_lr(), data_digest=prepared.digest, partition_digest=partition.digest,
+            shard_size=len(partition.shards[k]), seed=params.distill.seed, iterations=e.iterations,
+            net=params.distill.net, git_commit=git_commit,
+            zca_digest=zca.digest if zca is not None and e.space == "zca" else "",
+            config={"distill": params.distill.model_dump(), p.method: p.config.model_dump(),
+                    "preset": p.preset_label, "scale": params.scale},
+            mixture=plan.method if plan.members else "",
         )
-        for k in range(partition.noe)
+        for k, (e, p) in enumerate(zip(experts, plans, strict=True))
     ]
     if ckpt is not None:
         ckpt.unlink(missing_ok=True)

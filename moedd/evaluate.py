@@ -46,7 +46,7 @@ from moedd.device import memory_format_for
 from moedd.moe import MixupFusion
 from moedd.precision import test_dtype
 from moedd.nets import create_net
-from moedd.synthetic import DECODERS, SyntheticSet
+from moedd.synthetic import DECODERS, SyntheticMeta, SyntheticSet
 
 SMALL_FOR_ALEXNET = 16
 """Below this image side, AlexNet (no normalisation) is built but barely leaves chance under the
@@ -76,38 +76,82 @@ def check_nets_fit(nets: list[str], num_classes: int, shape: tuple[int, ...]) ->
 
 @dataclass(frozen=True)
 class TrainingSet:
-    """The pooled, decoded training images of all experts (on the device)."""
+    """The pooled, decoded training images of all experts (on the device), in one input space."""
 
     images: Tensor
     labels: Tensor
     experts: Tensor
     lr: float
+    soft: Tensor | None = None
+    """(N, C) target distributions where the set has soft labels (soft cross-entropy); else None."""
+    space: str = "normalized"
+    """The common input space of every expert's images (:func:`common_space`)."""
+    lr_source: str = "protocol"
+    """Where ``lr`` comes from (:func:`training_lr`): "learned" or "protocol"."""
+
+
+def common_space(syn: SyntheticSet) -> str:
+    """The one input space every expert is brought into before mixup: ZCA when every expert was
+    distilled in it (MTT, whose networks train on whitened images), else the mean/std-normalised
+    space of the first expert (IDC's pixels normalised, a ZCA expert of a mixture inverted to
+    pixels and normalised). Networks train and test in it."""
+    return "zca" if all(s == "zca" for s in syn.spaces) else "normalized"
+
+
+def training_lr(syn: SyntheticSet, base_lr: float) -> tuple[float, str]:
+    """The learning rate a set trains with: the mean of the experts' learned rates when every
+    expert learned one (MTT; one expert: its own), else the protocol's ``evaluate.lr`` (a mixture
+    with other methods: a rate learned for one expert's images says nothing about the others')."""
+    lrs = [m.learned_lr for m in syn.metas]
+    if all(x is not None for x in lrs):
+        return statistics.fmean(lrs), "learned"  # type: ignore[arg-type]
+    return base_lr, "protocol"
+
+
+def to_space(images: Tensor, meta: SyntheticMeta, target: str, target_meta: SyntheticMeta, zca: Any) -> Tensor:
+    """Decoded images of one expert (in ``meta.space``) -> the common space ``target``; the
+    identity where they are already there (same space, and for 'normalized' the same mean/std)."""
+    same_norm = meta.mean == target_meta.mean and meta.std == target_meta.std
+    if meta.space == target and (target != "normalized" or same_norm):
+        return images
+    if target == "zca":  # only when every expert is in ZCA space (common_space): one transform
+        return images
+    if meta.space == "zca":
+        pixels = zca.invert(images)
+    elif meta.space == "pixel":
+        pixels = images
+    else:
+        pixels = images * _channels(meta.std) + _channels(meta.mean)
+    return (pixels - _channels(target_meta.mean)) / _channels(target_meta.std)
+
+
+def _channels(values: list[float]) -> Tensor:
+    return torch.tensor(values).view(1, -1, 1, 1)
 
 
 def pool_experts(syn: SyntheticSet, base_lr: float, device: torch.device) -> TrainingSet:
-    """Decode every expert's images and pool them, remembering which expert each came from."""
-    decode = DECODERS.get(syn.meta.decoding)
-    c = len(syn.meta.mean)
-    mean = torch.tensor(syn.meta.mean).view(1, c, 1, 1)
-    std = torch.tensor(syn.meta.std).view(1, c, 1, 1)
-    xs, ys, es = [], [], []
-    for k, (x, y) in enumerate(zip(syn.images, syn.labels, strict=True)):
-        dx, dy = decode(x.float(), y)
-        if syn.meta.space == "pixel":  # IDC stores [0, 1] pixels; training uses normalised images
-            dx = (dx - mean) / std
-        # 'normalized' and 'zca' sets are already in their training space
-        xs.append(dx)
+    """Decode every expert's images by its own metadata (decoding, space), bring them into the
+    :func:`common_space` and pool them, remembering which expert each came from."""
+    space, first = common_space(syn), syn.meta
+    xs, ys, es, softs = [], [], [], []
+    for k, (x, y, meta) in enumerate(zip(syn.images, syn.labels, syn.metas, strict=True)):
+        dx, dy = DECODERS.get(meta.decoding)(x.float(), y)
+        xs.append(to_space(dx, meta, space, first, syn.zca))
         ys.append(dy)
         es.append(torch.full_like(dy, k))
-    lr = syn.meta.learned_lr if syn.meta.learned_lr is not None else base_lr
-    return TrainingSet(torch.cat(xs).to(device), torch.cat(ys).to(device), torch.cat(es).to(device), lr)
+        soft = syn.soft[k] if syn.soft is not None else None
+        softs.append(soft.repeat(len(dy) // len(y), 1) if soft is not None
+                     else F.one_hot(dy, len(first.classes)).float())
+    lr, source = training_lr(syn, base_lr)
+    soft_all = torch.cat(softs).to(device) if syn.soft is not None else None
+    return TrainingSet(torch.cat(xs).to(device), torch.cat(ys).to(device), torch.cat(es).to(device), lr,
+                       soft_all, space, source)
 
 
 def prepare_test_images(syn: SyntheticSet, images_u8: Tensor, device: torch.device) -> Tensor:
-    """uint8 test images -> the space the set's networks train in: ZCA-whitened with the set's
-    own transform for 'zca' sets, else mean/std-normalised (also for pixel-space sets, whose
-    training images are normalised by ``pool_experts``)."""
-    if syn.meta.space == "zca":
+    """uint8 test images -> the set's :func:`common_space`: ZCA-whitened with the set's own
+    transform, or normalised with the first expert's mean/std."""
+    if common_space(syn) == "zca":
         return syn.zca.apply_u8(images_u8.to(device))
     return normalize_test(images_u8, tuple(syn.meta.mean), tuple(syn.meta.std), device)
 
@@ -198,12 +242,16 @@ def train_network(
         for i in range(0, n, cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             x = data.images[idx]
+            target = data.labels[idx] if data.soft is None else data.soft[idx]
             if mixer is not None:
-                x = mixer(x, idx, gen, rng)
+                x, lam, partner = mixer.mix(x, idx, gen, rng)
+                if data.soft is not None:  # the partner's distribution mixed in with the images
+                    w = lam.view(-1, 1)
+                    target = w * target + (1 - w) * data.soft[partner]
             if dsa is not None:
                 x = dsa.per_sample(x, gen, host)
             logits = net(x.contiguous(memory_format=fmt))
-            loss = F.cross_entropy(logits, data.labels[idx])
+            loss = F.cross_entropy(logits, target)  # soft targets: soft cross-entropy
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -274,7 +322,7 @@ def fingerprint_contents(syn: SyntheticSet, test_images: Tensor, test_labels: Te
     config and the fusion actually applied, and a digest of the real test images and labels."""
     return {
         "synthetic": [m.model_dump(mode="json") for m in syn.metas],
-        "synthetic_tensors": tensor_digest(*syn.images, *syn.labels),
+        "synthetic_tensors": tensor_digest(*syn.images, *syn.labels, *[x for x in syn.soft or [] if x is not None]),
         "evaluate": cfg.model_dump(mode="json", exclude=set(SPEED_ONLY)),
         "fusion": fusion.model_dump(mode="json"),
         "fusion_effective": fusion_effective(syn, fusion),

@@ -115,8 +115,9 @@ class Cell:
 
     @property
     def method_key(self) -> str:
-        """Method and variant in metric keys: ``dm``, ``dm-dcor0``, ``dm-nofusion``."""
-        return self.method + "".join(f"-{slug}" for _, slug in _variant_parts(self.variant))
+        """Method and variant in metric keys: ``dm``, ``dm-dcor0``, ``dm-nofusion``; a heterogeneous
+        mixture's ``+`` becomes ``_`` (``idc_idm``: MLflow keys allow no ``+``)."""
+        return self.method.replace("+", "_") + "".join(f"-{slug}" for _, slug in _variant_parts(self.variant))
 
 
 ABLATIONS = (

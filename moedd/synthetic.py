@@ -135,6 +135,15 @@ class SyntheticMeta(BaseModel):
     zca_digest: str = ""
     """For space 'zca': digest of the transform (``zca.pt`` of the set's directory)."""
     config: dict[str, Any] = {}
+    mixture: str = ""
+    """For a heterogeneous mixture, the methods of all experts in order (``idc+idm``): the cell's
+    method; empty when every expert ran ``method``."""
+    soft_labels: bool = False
+    """Whether the .pt also holds ``soft`` (C·IPC, C) target distributions (imported sets whose
+    format has them); the evaluator then trains with soft cross-entropy."""
+    source: str = ""
+    """For an imported set, the format and file it came from (``moedd import``); empty for sets
+    moedd distilled."""
 
 
 @dataclass(frozen=True)
@@ -145,11 +154,22 @@ class SyntheticSet:
     labels: list[Tensor]
     metas: list[SyntheticMeta]
     zca: Any = None
-    """The ZCA transform of a 'zca'-space set."""
+    """The ZCA transform of the set's 'zca'-space experts."""
+    soft: list[Tensor | None] | None = None
+    """Per expert, soft target distributions (C·IPC, C) where the set has them (imported sets)."""
 
     @property
     def meta(self) -> SyntheticMeta:
         return self.metas[0]
+
+    @property
+    def method(self) -> str:
+        """The cell's method: the mixture's name (``idc+idm``) or the one method of every expert."""
+        return self.meta.mixture or self.meta.method
+
+    @property
+    def spaces(self) -> list[str]:
+        return [m.space for m in self.metas]
 
     @property
     def noe(self) -> int:
@@ -166,17 +186,19 @@ def _sha256(path: Path) -> str:
 
 def save_synthetic(
     out_dir: str | Path, images: list[Tensor], labels: list[Tensor], metas: list[SyntheticMeta], zca: Any = None,
+    soft: list[Tensor | None] | None = None,
 ) -> list[SyntheticMeta]:
     """Write every expert's images and metadata as the directory ``out_dir``; returns the metadata
     as written (with each file's sha256). ``zca`` (a ``moedd.data.zca.ZCA``) is required for
-    ZCA-space sets.
+    sets with ZCA-space experts; ``soft`` (per expert, (C·IPC, C) target distributions or None)
+    is stored beside the labels of experts whose metadata says ``soft_labels``.
 
     The directory is replaced as a whole and atomically (``moedd._atomic.atomic_dir``): a kill
     while saving leaves the previous set, never a mixture of old and new experts, and files of an
     earlier set with more experts do not linger.
     """
     zca_space = any(m.space == "zca" for m in metas)
-    if zca_space and (zca is None or any(m.zca_digest != zca.digest for m in metas)):
+    if zca_space and (zca is None or any(m.zca_digest != zca.digest for m in metas if m.space == "zca")):
         raise SyntheticSetError("a ZCA-space set must be saved with its ZCA transform (digest in its metadata)")
     sealed = []
     with atomic_dir(out_dir) as out:
@@ -184,7 +206,12 @@ def save_synthetic(
             zca.save(out / "zca.pt")
         for k, (x, y, meta) in enumerate(zip(images, labels, metas, strict=True)):
             pt = out / f"expert-{k}.pt"
-            torch.save({"images": x.detach().float().cpu().contiguous(), "labels": y.cpu()}, pt)
+            blob = {"images": x.detach().float().cpu().contiguous(), "labels": y.cpu()}
+            if meta.soft_labels:
+                if soft is None or soft[k] is None:
+                    raise SyntheticSetError(f"expert {k} says soft_labels but no soft labels were given")
+                blob["soft"] = soft[k].detach().float().cpu().contiguous()
+            torch.save(blob, pt)
             sealed.append(meta.model_copy(update={"sha256": _sha256(pt)}))
             (out / f"expert-{k}.json").write_text(sealed[-1].model_dump_json(indent=2))
     return sealed
@@ -205,7 +232,7 @@ def load_synthetic(path: str | Path) -> SyntheticSet:
     metas_files = sorted(p.glob("expert-*.json"), key=lambda f: int(f.stem.split("-")[1]))
     if not metas_files:
         raise SyntheticSetError(f"{p} holds no synthetic set (no expert-*.json); run `moedd distill` first")
-    images, labels, metas = [], [], []
+    images, labels, metas, soft = [], [], [], []
     for mf in metas_files:
         try:
             meta = SyntheticMeta.model_validate_json(mf.read_text())
@@ -225,22 +252,27 @@ def load_synthetic(path: str | Path) -> SyntheticSet:
         d = torch.load(pt, weights_only=True)
         images.append(d["images"])
         labels.append(d["labels"])
+        soft.append(d.get("soft") if meta.soft_labels else None)
         metas.append(meta)
     first = metas[0]
+    # a mixture's experts differ in method, space and decoding (each is decoded by its own
+    # metadata); what they learned from must be one dataset
+    per_set = ("mixture", "classes", "image_shape", "data_digest") if first.mixture else \
+        ("method", "space", "classes", "image_shape", "decoding", "data_digest")
     for m in metas[1:]:
-        for field in ("method", "space", "classes", "image_shape", "decoding", "data_digest"):
+        for field in per_set:
             if getattr(m, field) != getattr(first, field):
                 raise SyntheticSetError(f"experts of {p} disagree on {field}")
     zca = None
-    if first.space == "zca":
+    if any(m.space == "zca" for m in metas):
         from moedd.data.zca import load_zca
 
         if not (p / "zca.pt").exists():
             raise SyntheticSetError(f"{p} is a ZCA-space set but its zca.pt is missing")
         zca = load_zca(p / "zca.pt")
-        if any(m.zca_digest != zca.digest for m in metas):
+        if any(m.zca_digest != zca.digest for m in metas if m.space == "zca"):
             raise SyntheticSetError(f"{p}/zca.pt is not the transform the images were distilled in (digest differs)")
-    return SyntheticSet(images, labels, metas, zca)
+    return SyntheticSet(images, labels, metas, zca, soft if any(x is not None for x in soft) else None)
 
 
 def check_matches(syn: SyntheticSet, classes: list[str], image_shape: tuple[int, ...], data_digest: str | None = None) -> None:
@@ -253,7 +285,7 @@ def check_matches(syn: SyntheticSet, classes: list[str], image_shape: tuple[int,
         )
     if tuple(m.image_shape) != tuple(image_shape):
         raise SyntheticSetError(f"synthetic image shape {tuple(m.image_shape)} differs from the test data's {tuple(image_shape)}")
-    if m.space == "zca":
+    if "zca" in syn.spaces:
         if syn.zca is None:
             raise SyntheticSetError("a ZCA-space synthetic set needs its ZCA transform (zca.pt) to be evaluated")
         if data_digest is not None and syn.zca.data_digest and syn.zca.data_digest != data_digest:

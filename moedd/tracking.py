@@ -204,6 +204,7 @@ def log_input(path: str | Path, name: str, context: str, fallback_digest: str) -
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
+    name = name.replace("+", "_")  # MLflow names allow no "+" (a mixture's idc+idm)
     md5 = dvc_md5(path)
     digest = md5 or fallback_digest
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways": harmless
@@ -239,7 +240,7 @@ class ExpertRuns:
     never stay RUNNING.
     """
 
-    def __init__(self, stage_run_id: str, method: str, noe: int, ipc: int) -> None:
+    def __init__(self, stage_run_id: str, method: str | list[str], noe: int, ipc: int) -> None:
         import mlflow
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
@@ -247,11 +248,12 @@ class ExpertRuns:
         self.client, self.stage_run_id = MlflowClient(), stage_run_id
         exp_id = mlflow.get_run(stage_run_id).info.experiment_id
         self.ids = []
+        methods = [method] * noe if isinstance(method, str) else method  # a mixture: each expert's own
         for k in range(noe):
             run = self.client.create_run(exp_id, run_name=f"expert {k}",
                                          tags={"mlflow.parentRunId": stage_run_id, "expert_index": str(k)})
             self.client.log_batch(run.info.run_id, params=[
-                Param("expert", method), Param("expert_index", str(k)), Param("ipc", str(ipc)), Param("noe", str(noe))])
+                Param("expert", methods[k]), Param("expert_index", str(k)), Param("ipc", str(ipc)), Param("noe", str(noe))])
             self.ids.append(run.info.run_id)
 
     def __enter__(self) -> "ExpertRuns":

@@ -227,6 +227,13 @@ class ExpertMethod(ABC):
         """A learning rate learned with the images (MTT); None for other methods."""
         return None
 
+    def image_lr(self) -> float | None:
+        """The learning rate of this method's image updates (``lr_img``), in its own image space;
+        None for methods that do not optimise images. A heterogeneous mixture steps the
+        cross-method diversity term with it (``moedd.moe.mixture``)."""
+        lr = getattr(self.cfg, "lr_img", None) if self.optimises else None
+        return float(lr) if lr is not None else None
+
     def state_dict(self) -> dict[str, Any]:
         """Method state for checkpoints (optimiser momentum, model queues, ...)."""
         return {}

@@ -370,6 +370,10 @@ class IDC(ExpertMethod):
                 out.append(mosaic(quads, "nearest"))
         return torch.stack(out)
 
+    def image_lr(self) -> float | None:
+        """The IPC-scaled rate (``lr_img`` None = 5e-3 x IPC/10)."""
+        return float(self.lr_img)
+
     def setup(self, syn: Tensor) -> None:
         self.opt = ClassSequentialSGD(syn, self.ctx.num_classes, self.ctx.ipc, self.lr_img, self.cfg.momentum)
 

@@ -47,7 +47,12 @@ class MixupFusion:
         return self._has_partner and self.p > 0
 
     def __call__(self, x: Tensor, idx: Tensor, gen: torch.Generator, rng: np.random.Generator) -> Tensor:
-        """Return the batch ``x`` (pooled images ``idx``) mixed with cross-expert same-class partners.
+        """Return the batch ``x`` (pooled images ``idx``) mixed with cross-expert same-class partners."""
+        return self.mix(x, idx, gen, rng)[0]
+
+    def mix(self, x: Tensor, idx: Tensor, gen: torch.Generator, rng: np.random.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`__call__` with the weights and partners: (mixed batch, λ (B, 1, ...) with 1
+        where a sample was not mixed, partner indices (B,)), so soft targets can be mixed alike.
 
         Args:
             x: (B, C, H, W) the batch, i.e. ``images[idx]``.
@@ -56,7 +61,7 @@ class MixupFusion:
             rng: numpy generator for λ ~ Beta(α, α) (torch's Beta takes no generator).
         """
         if not self.active:
-            return x
+            return x, torch.ones(len(x), *([1] * (x.dim() - 1)), device=x.device), idx
         n, dev = len(idx), x.device
         c, e = self.labels[idx], self.experts[idx]
         partner_e = (e + torch.randint(1, self.noe, (n,), generator=gen, device=dev)) % self.noe
@@ -66,4 +71,4 @@ class MixupFusion:
         lam = torch.from_numpy(rng.beta(self.alpha, self.alpha, size=n).astype(np.float32)).to(dev)
         mix = (torch.rand(n, generator=gen, device=dev) < self.p) & (avail > 0)
         lam = torch.where(mix, lam, torch.ones_like(lam)).view(-1, *([1] * (x.dim() - 1)))
-        return lam * x + (1 - lam) * self.images[partner]
+        return lam * x + (1 - lam) * self.images[partner], lam, partner
