@@ -37,7 +37,7 @@ def distill(
 ) -> None:
     """Distill the training set with NoE experts, jointly, each on its own shard: one method for
     every expert, or one per expert (--expert idc,idm)."""
-    from moedd.moe.mixture import mixture_name, parse_methods
+    from moedd.experts.mixture import mixture_name, parse_methods
 
     methods = parse_methods(expert, EXPERTS.names())
     name, kinds = mixture_name(methods), [EXPERTS.get(m) for m in methods]

@@ -88,6 +88,16 @@ class PartitionConfig(Section):
     seed: int = 0
 
 
+class MixtureEntry(Section):
+    """One heterogeneous mixture of the grid (stages distill_mixture / evaluate_mixture): expert k
+    runs the k-th method of ``experts`` (``moedd.experts.mixture``)."""
+
+    experts: str
+    """The methods in expert order joined by ``+``: ``idc+idm``."""
+    noe: int = Field(ge=2)
+    """The number of experts: one per method (the partition of that NoE, from ``grid.noe``)."""
+
+
 class GridConfig(Section):
     """The experiments ``dvc repro`` runs: every dataset x budget x method x number of experts."""
 
@@ -104,6 +114,8 @@ class GridConfig(Section):
     noe: list[int] = [1, 2]
     mtt_noe: list[int] = []
     """NoE values MTT runs with (MTT has its own stages, after the teacher trajectories; [] = no MTT)."""
+    mixtures: list[MixtureEntry] = []
+    """Heterogeneous mixtures to run at every dataset and budget (their own stages; [] = none)."""
 
     @field_validator("datasets")
     @classmethod

@@ -29,7 +29,7 @@ from moedd._atomic import save_torch
 from moedd.config import ConfigError, check_budget, check_dcor_rows
 from moedd.data import Partition, Prepared, check_ipc_fits
 from moedd.experts import EXPERTS, DistillContext, ExpertMethod, RunSpec
-from moedd.moe.mixture import Mixture, MixtureConfig, mixture_name, parse_methods
+from moedd.experts.mixture import Mixture, MixtureConfig, mixture_name, parse_methods, shard_teachers
 from moedd.params import Params, PresetChoice, method_config
 from moedd.synthetic import SyntheticMeta
 
@@ -68,7 +68,7 @@ class RunPlan:
     (a mixture: :class:`MixtureConfig`, its members' sections)."""
     preset: PresetChoice | None
     members: tuple["RunPlan", ...] = ()
-    """A heterogeneous mixture's one-expert plans, expert k = member k (``moedd.moe.mixture``)."""
+    """A heterogeneous mixture's one-expert plans, expert k = member k (``moedd.experts.mixture``)."""
 
     @property
     def iterations(self) -> int:
@@ -96,7 +96,7 @@ def plan_run(name: str, params: Params, prepared: Prepared, partition: Partition
     """Every check of a run that needs the data, cheap and before any work; the resolved run.
 
     ``name`` is a method, or a heterogeneous mixture (``idc+idm`` / ``idc,idm``: expert k runs the
-    k-th method, ``moedd.moe.mixture``), which needs one method per expert.
+    k-th method, ``moedd.experts.mixture``), which needs one method per expert.
 
     Raises:
         ConfigError: one line, for inputs that do not fit together (budget / NoE, IPC against the
@@ -142,17 +142,6 @@ def _check_teachers(trajectories: Any, prepared: Prepared, partition: Partition)
         raise ConfigError("the teacher trajectories were trained on another partition; rerun `moedd trajectories`")
     if meta.get("data_digest") and meta["data_digest"] != prepared.digest:
         raise ConfigError("the teacher trajectories were trained on other data; rerun `moedd trajectories`")
-
-
-def shard_teachers(trajectories: Any, k: int) -> Any:
-    """The teachers of shard k as a one-shard set (a mixture's MTT member), refusing a set made
-    for another number of shards."""
-    from moedd.trajectories import ShardTrajectories
-
-    if int(trajectories.meta["noe"]) <= k:
-        raise ConfigError(f"the trajectories were trained for NoE={trajectories.meta['noe']}, the mixture's MTT "
-                          f"expert is expert {k}")
-    return ShardTrajectories(trajectories, k)
 
 
 def member_seed(seed: int, k: int) -> int:

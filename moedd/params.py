@@ -110,8 +110,30 @@ class Params(Section):
             for noe in [*self.grid.noe, *self.grid.mtt_noe]:
                 for budget in self.grid.budgets:
                     check_dcor_rows(self.distill, budget // noe, noe)
+        for mix in self.grid.mixtures:
+            _check_mixture(mix.experts, mix.noe, self)
         check_presets(self)
         return self
+
+
+def _check_mixture(experts: str, noe: int, params: "Params") -> None:
+    """A ``grid.mixtures`` entry that its stages can run: canonical ``a+b`` with different
+    methods, one per expert, a partition of its NoE in the grid, no teachers needed."""
+    from moedd.experts.mixture import mixture_name, parse_methods
+
+    methods = parse_methods(experts, EXPERTS.names())
+    if experts != mixture_name(methods) or len(set(methods)) < 2:
+        raise ValueError(f"grid.mixtures: write {experts!r} as the methods joined by '+' (at least two different ones)")
+    if len(methods) != noe:
+        raise ValueError(f"grid.mixtures: {experts} names {len(methods)} methods but its noe is {noe} (one method per expert)")
+    if noe not in params.grid.noe:
+        raise ValueError(f"grid.mixtures: {experts} needs the partition of NoE {noe}: add {noe} to grid.noe")
+    if any(EXPERTS.get(m).needs_trajectories for m in methods):
+        raise ValueError(f"grid.mixtures: {experts} has an MTT expert, which needs teacher trajectories: run it with "
+                         f"`moedd distill --expert {experts.replace('+', ',')} --noe {noe} --trajectories DIR`")
+    for budget in params.grid.budgets:
+        check_budget(budget, noe)
+        check_dcor_rows(params.distill, budget // noe, noe)
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:

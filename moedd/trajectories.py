@@ -531,40 +531,6 @@ class Trajectories:
         return self._cache[key]
 
 
-@dataclass
-class ShardTrajectories:
-    """The teachers of one shard seen as a one-shard set: what the MTT member of a heterogeneous
-    mixture (``moedd.moe.mixture``) distills against, as shard 0 of its own one-expert run."""
-
-    base: Trajectories
-    shard: int
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        return {**self.base.meta, "noe": 1}
-
-    @property
-    def zca(self) -> ZCA | None:
-        return self.base.zca
-
-    @property
-    def noe(self) -> int:
-        return 1
-
-    @property
-    def epochs(self) -> int:
-        return self.base.epochs
-
-    def count(self, shard: int) -> int:
-        if shard != 0:
-            raise IndexError(f"shard {shard} out of range (NoE=1)")
-        return self.base.count(self.shard)
-
-    def load(self, shard: int, index: int) -> Tensor:
-        self.count(shard)
-        return self.base.load(self.shard, index)
-
-
 def load_trajectories(path: str | Path) -> Trajectories:
     """Open a trajectories directory written by :func:`train_teachers`.
 

@@ -30,12 +30,14 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) ->
 @pytest.fixture(scope="module")
 def repo(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A git+DVC repository with this project's pipeline and tiny params (one dataset, budget 8,
-    DM, the random baseline and MTT at NoE 2 and 1); `dvc repro` already run."""
-    return _repo(tmp_path_factory, {"tiny": tiny_folder}, [8])
+    DM, the random baseline and MTT at NoE 2 and 1, the heterogeneous mixture IDC+IDM at NoE 2);
+    `dvc repro` already run."""
+    return _repo(tmp_path_factory, {"tiny": tiny_folder}, [8], mixtures=({"experts": "idc+idm", "noe": 2},))
 
 
 def _repo(tmp_path_factory: pytest.TempPathFactory, folders: dict[str, Path], budgets: list[int],
-          baselines: tuple[str, ...] = ("random",), mtt_noe: tuple[int, ...] = (2,)) -> tuple[Path, dict[str, str]]:
+          baselines: tuple[str, ...] = ("random",), mtt_noe: tuple[int, ...] = (2,),
+          mixtures: tuple[dict, ...] = ()) -> tuple[Path, dict[str, str]]:
     """This project's pipeline in a fresh git+DVC repository over the image ``folders`` (name ->
     folder) and ``budgets``, at toy sizes; `dvc repro` run once."""
     root = tmp_path_factory.mktemp("pipeline") / "repo"
@@ -46,7 +48,7 @@ def _repo(tmp_path_factory: pytest.TempPathFactory, folders: dict[str, Path], bu
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["datasets"] = {name: {"source": "imagefolder", "root": str(f), "download": False} for name, f in folders.items()}
     params["grid"] = {"datasets": list(folders), "budgets": budgets, "experts": ["dm"], "baselines": list(baselines),
-                      "noe": [2, 1], "mtt_noe": list(mtt_noe)}
+                      "noe": [2, 1], "mtt_noe": list(mtt_noe), "mixtures": list(mixtures)}
     params["scale"] = "smoke"  # every method and stage at its smoke sizes (moedd.scale)
     params["distill"].update({"budget": max(budgets), "log_every": 1, "checkpoint_every": 2})
     params["experts"]["mtt"].update({"zca": False})  # its 3072x3072 fit is tested on small images in test_mtt.py
@@ -95,6 +97,12 @@ def test_repro_produces_every_stage_output(repo) -> None:
     assert (root / "data/tiny/synthetic/b8/mtt-noe2/expert-1.json").exists()
     assert (root / "metrics/evaluate/tiny/b8/mtt-noe2.json").exists()
     assert "| MTT | ConvNet-3 |" in table
+    # the heterogeneous mixture: each expert its own method, space and decoding; a row of its own
+    metas = [json.loads((root / f"data/tiny/synthetic/b8/idc+idm-noe2/expert-{k}.json").read_text()) for k in (0, 1)]
+    assert [(m["method"], m["space"], m["mixture"]) for m in metas] == [("idc", "pixel", "idc+idm"), ("idm", "normalized", "idc+idm")]
+    assert json.loads((root / "metrics/evaluate/tiny/b8/idc+idm-noe2.json").read_text())["method"] == "idc+idm"
+    assert (root / "plots/distill/tiny/b8/idc+idm-noe2.csv").exists()
+    assert "| IDC+IDM | ConvNet-3 |" in table
 
 
 def test_second_repro_is_a_no_op(repo) -> None:

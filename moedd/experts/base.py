@@ -230,7 +230,7 @@ class ExpertMethod(ABC):
     def image_lr(self) -> float | None:
         """The learning rate of this method's image updates (``lr_img``), in its own image space;
         None for methods that do not optimise images. A heterogeneous mixture steps the
-        cross-method diversity term with it (``moedd.moe.mixture``)."""
+        cross-method diversity term with it (``moedd.experts.mixture``)."""
         lr = getattr(self.cfg, "lr_img", None) if self.optimises else None
         return float(lr) if lr is not None else None
 

@@ -35,6 +35,7 @@ select real images, is a set of independent runs on their shards, each exactly t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -76,6 +77,48 @@ def mixture_name(methods: Sequence[str]) -> str:
 
 def is_mixture(name: str) -> bool:
     return any(s in name for s in SEPARATORS) and len(set(name.replace(",", "+").split("+"))) > 1
+
+
+@dataclass
+class ShardTrajectories:
+    """The teachers of one shard of a trajectories set (``moedd.trajectories.Trajectories``) seen as
+    a one-shard set: what a mixture's MTT member distills against, as shard 0 of its own run."""
+
+    base: Any
+    shard: int
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {**self.base.meta, "noe": 1}
+
+    @property
+    def zca(self) -> Any:
+        return self.base.zca
+
+    @property
+    def noe(self) -> int:
+        return 1
+
+    @property
+    def epochs(self) -> int:
+        return int(self.base.epochs)
+
+    def count(self, shard: int) -> int:
+        if shard != 0:
+            raise IndexError(f"shard {shard} out of range (NoE=1)")
+        return int(self.base.count(self.shard))
+
+    def load(self, shard: int, index: int) -> Tensor:
+        self.count(shard)
+        return self.base.load(self.shard, index)
+
+
+def shard_teachers(trajectories: Any, k: int) -> ShardTrajectories:
+    """The teachers of shard k as a one-shard set, refusing a set made for fewer shards."""
+    if int(trajectories.meta["noe"]) <= k:
+        raise ConfigError(f"the trajectories were trained for NoE={trajectories.meta['noe']}, the mixture's MTT "
+                          f"expert is expert {k}")
+    return ShardTrajectories(trajectories, k)
 
 
 class MixtureConfig(BaseModel):
