@@ -26,6 +26,7 @@ for _command in (tools.init, tools.ui, data.prepare, data.partition, trajectorie
 app.command(name="list")(tools.list_components)
 app.command()(interchange.export)
 app.command(name="import")(interchange.import_set)
+app.command()(interchange.combine)
 
 
 def run() -> None:

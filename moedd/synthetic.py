@@ -257,12 +257,14 @@ def load_synthetic(path: str | Path) -> SyntheticSet:
     first = metas[0]
     # a mixture's experts differ in method, space and decoding (each is decoded by its own
     # metadata); what they learned from must be one dataset
-    per_set = ("mixture", "classes", "image_shape", "data_digest") if first.mixture else \
+    per_set = ("mixture", "classes", "image_shape") if first.mixture else \
         ("method", "space", "classes", "image_shape", "decoding", "data_digest")
     for m in metas[1:]:
         for field in per_set:
             if getattr(m, field) != getattr(first, field):
                 raise SyntheticSetError(f"experts of {p} disagree on {field}")
+    if len({m.data_digest for m in metas if m.data_digest}) > 1:  # an imported expert has none
+        raise SyntheticSetError(f"experts of {p} disagree on data_digest")
     zca = None
     if any(m.space == "zca" for m in metas):
         from moedd.data.zca import load_zca
@@ -290,7 +292,7 @@ def check_matches(syn: SyntheticSet, classes: list[str], image_shape: tuple[int,
             raise SyntheticSetError("a ZCA-space synthetic set needs its ZCA transform (zca.pt) to be evaluated")
         if data_digest is not None and syn.zca.data_digest and syn.zca.data_digest != data_digest:
             raise SyntheticSetError("the set's ZCA transform was fitted on different data (prepared digest differs)")
-    if data_digest is not None and m.data_digest and m.data_digest != data_digest:
+    if data_digest is not None and any(x.data_digest and x.data_digest != data_digest for x in syn.metas):
         raise SyntheticSetError("the synthetic set was distilled from different data (prepared digest differs)")
 
 
@@ -310,3 +312,39 @@ def to_pixels(images: Tensor, meta: SyntheticMeta, zca: Any = None) -> Tensor:
 def metadata_json(meta: SyntheticMeta) -> dict[str, Any]:
     """The metadata as a plain dict (for MLflow)."""
     return json.loads(meta.model_dump_json())
+
+
+def combine(sets: list[SyntheticSet]) -> SyntheticSet:
+    """One mixture of the experts of several sets (e.g. an imported set and a distilled one), in
+    order, so the evaluator fuses them with mixup. Each expert keeps its metadata (method, space,
+    decoding, learned lr); the experts are renumbered and the mixture named by the sets' methods
+    joined by ``+``.
+
+    Raises:
+        SyntheticSetError: sets of other classes or image shapes, distilled from different data
+            (both with a dataset digest that differ), or with two different ZCA transforms.
+    """
+    if len(sets) < 2:
+        raise SyntheticSetError("combine needs at least two sets")
+    first = sets[0].meta
+    zcas = {s.zca.digest: s.zca for s in sets if s.zca is not None}
+    digests = {m.data_digest for s in sets for m in s.metas if m.data_digest}
+    for s in sets[1:]:
+        if s.meta.classes != first.classes:
+            raise SyntheticSetError(f"the sets' classes differ ({first.classes[:3]}... vs {s.meta.classes[:3]}...)")
+        if s.meta.image_shape != first.image_shape:
+            raise SyntheticSetError(f"the sets' image shapes differ ({first.image_shape} vs {s.meta.image_shape})")
+    if len(digests) > 1:
+        raise SyntheticSetError("the sets were distilled from different data (their dataset digests differ)")
+    if len(zcas) > 1:
+        raise SyntheticSetError("the sets whiten with two different ZCA transforms; one set can hold one")
+    name = "+".join(s.method for s in sets)
+    noe = sum(s.noe for s in sets)
+    metas, k = [], 0
+    for s in sets:
+        for m in s.metas:
+            metas.append(m.model_copy(update={"expert": k, "noe": noe, "mixture": name, "sha256": ""}))
+            k += 1
+    soft = [x for s in sets for x in (s.soft or [None] * s.noe)]
+    return SyntheticSet([x for s in sets for x in s.images], [y for s in sets for y in s.labels], metas,
+                        next(iter(zcas.values()), None), soft if any(x is not None for x in soft) else None)

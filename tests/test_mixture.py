@@ -43,7 +43,7 @@ def test_names_parse_one_per_expert_and_one_method_is_homogeneous() -> None:
     assert parse_methods("idc,idm", names) == ["idc", "idm"] == parse_methods("idc+idm", names)
     assert mixture_name(["idc", "idm"]) == "idc+idm"
     assert mixture_name(["dm", "dm"]) == "dm"
-    with pytest.raises(ConfigError, match="unknown method 'foo'"):
+    with pytest.raises(ConfigError, match="unknown expert 'foo'"):
         parse_methods("idc,foo", names)
     with pytest.raises(ConfigError, match="empty method name"):
         parse_methods("idc,", names)
@@ -171,7 +171,7 @@ def test_an_mtt_member_in_zca_space_beside_a_normalised_one(small, tmp_path: Pat
     ({"experts": "idc+idm+dm", "noe": 2}, "names 3 methods but its noe is 2"),
     ({"experts": "idc+idm+dm", "noe": 3}, "add 3 to grid.noe"),
     ({"experts": "idm+mtt", "noe": 2}, "needs teacher trajectories"),
-    ({"experts": "idc+xyz", "noe": 2}, "unknown method 'xyz'"),
+    ({"experts": "idc+xyz", "noe": 2}, "unknown expert 'xyz'"),
 ])
 def test_grid_mixtures_are_checked_when_params_load(entry: dict, message: str) -> None:
     from moedd.params import load_params

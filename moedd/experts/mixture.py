@@ -65,7 +65,7 @@ def parse_methods(expert: str, registered: Sequence[str]) -> list[str]:
         if not n:
             raise ConfigError(f"--expert {expert!r}: an empty method name (write e.g. idc,idm)")
         if n not in registered:
-            raise ConfigError(f"--expert {expert!r}: unknown method {n!r} (choices: {', '.join(registered)})")
+            raise ConfigError(f"unknown expert '{n}'; choose from: {', '.join(registered)}")
     return names
 
 

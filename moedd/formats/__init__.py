@@ -4,7 +4,7 @@ protocol). One module per format, registered in :data:`FORMATS` by name."""
 
 from __future__ import annotations
 
-from moedd.formats.base import FORMATS, SetFormat
-from moedd.formats import folder as _folder  # noqa: F401  (registers "folder")
+from moedd.formats.base import FORMATS, Imported, ImportOptions, SetFormat
+from moedd.formats import dc as _dc, datm as _datm, folder as _folder, idc as _idc, mtt as _mtt  # noqa: F401  (register)
 
-__all__ = ["FORMATS", "SetFormat"]
+__all__ = ["FORMATS", "Imported", "ImportOptions", "SetFormat"]

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from moedd.data import Prepared
-from moedd.formats.base import FORMATS, SetFormat
+from moedd.formats.base import FORMATS, Imported, ImportOptions, SetFormat
 from moedd.synthetic import DECODERS, SyntheticMeta, SyntheticSet, SyntheticSetError, to_pixels
 
 SIDECAR = "moedd-set.json"
@@ -56,13 +56,19 @@ class ImageFolderFormat(SetFormat):
                 Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
                 written.append(path)
         m = syn.meta
-        info = {"method": m.method, "noe": syn.noe, "ipc_stored": m.ipc, "budget": m.budget, "classes": m.classes,
+        info = {"method": syn.method, "noe": syn.noe, "ipc_stored": m.ipc, "budget": m.budget, "classes": m.classes,
                 "learned_lr": m.learned_lr, "decoded_from": m.decoding, "space_exported": "pixels, uint8",
                 "sha256": [x.sha256 for x in syn.metas], "data_digest": m.data_digest}
         (out / SIDECAR).write_text(json.dumps(info, indent=2))
         return written
 
-    def read(self, path: Path, prepared: Prepared, method: str, learned_lr: float | None) -> tuple[list, list, list[SyntheticMeta]]:
+    def read(self, path: Path, prepared: Prepared, options: ImportOptions) -> Imported:
+        if not path.is_dir():
+            raise SyntheticSetError(f"{path} is not a directory (<class>/*.png)")
+        side = path / SIDECAR
+        info = json.loads(side.read_text()) if side.is_file() else {}
+        method = options.method or info.get("method") or "imported"
+        learned_lr = options.learned_lr if options.learned_lr is not None else info.get("learned_lr")
         classes = sorted(p.name for p in path.iterdir() if p.is_dir())
         unknown = [c for c in classes if c not in prepared.classes]
         if not classes or unknown:
@@ -97,8 +103,9 @@ class ImageFolderFormat(SetFormat):
                 method=method, expert=k, noe=noe, ipc=ipc, budget=ipc * noe, classes=list(prepared.classes),
                 image_shape=list(prepared.image_shape), space="normalized", mean=list(prepared.mean),
                 std=list(prepared.std), decoding="none", learned_lr=learned_lr, data_digest="", config=provenance,
+                source=f"{self.name}:{path}",
             ))
-        return images, labels, metas
+        return Imported(images, labels, metas)
 
     @staticmethod
     def _load(f: Path, prepared: Prepared) -> torch.Tensor:
