@@ -26,6 +26,8 @@ def trajectories(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N] (default: trajectories.device).")] = None,
     grid_budgets: Annotated[bool, typer.Option(help="Train for the largest budget of grid.budgets, not distill.budget: "
                                                "one set of teachers then serves every budget of the grid (dvc repro).")] = False,
+    expert: Annotated[str | None, typer.Option(help="A heterogeneous mixture (e.g. idm,mtt): teachers only for the "
+                                               "shards whose method needs them (default: every shard).")] = None,
     checkpoint_dir: CheckpointOpt = None,
     params_path: ParamsOpt = None,
     sets: SetOpt = None,
@@ -38,12 +40,29 @@ def trajectories(
         params = _params(params_path, sets, **named, **{"distill.budget": max(params.grid.budgets)})
     check_budget(params.distill.budget, noe)
     _run_trajectories(params, noe, prepared, partition_path or Path(f"data/partitions/noe{noe}.pt"),
-                      out or Path(f"data/trajectories/noe{noe}"), metrics, _checkpoints(checkpoint_dir) / "teachers")
+                      out or Path(f"data/trajectories/noe{noe}"), metrics, _checkpoints(checkpoint_dir) / "teachers",
+                      _teacher_shards(expert, noe))
+
+
+def _teacher_shards(expert: str | None, noe: int) -> list[int] | None:
+    """The shards of a mixture whose method distills against teachers (None: every shard)."""
+    if expert is None:
+        return None
+    from moedd.experts import EXPERTS
+    from moedd.experts.mixture import parse_methods
+
+    methods = parse_methods(expert, EXPERTS.names())
+    if len(methods) != noe:
+        raise ConfigError(f"--expert {expert} names {len(methods)} methods for {noe} shards: one per shard")
+    shards = [k for k, m in enumerate(methods) if EXPERTS.get(m).needs_trajectories]
+    if not shards:
+        raise ConfigError(f"--expert {expert}: no method of it needs teacher trajectories")
+    return shards
 
 
 
 def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path, target: Path, metrics: Path | None,
-                      teacher_cache: Path | None = None) -> None:
+                      teacher_cache: Path | None = None, shards: list[int] | None = None) -> None:
     from moedd.data import load_partition, load_prepared
     from moedd.device import resolve_device
     from moedd.tracking import TeacherLog, log_input, stage_run
@@ -57,7 +76,8 @@ def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path,
     ipc = validate_trajectories(params, prep, part)  # before any work or tracking
     epochs, mtt, cfg = teacher_epochs(params, ipc, prep.paper), mtt_config(params, ipc, prep.paper), params.trajectories
     stage_params = {**flatten(cfg, "trajectories."), "epochs": epochs, "zca": mtt.zca, "zca_eps": mtt.zca_eps,
-                    "noe": noe, "ipc": ipc, "net": params.distill.net, "device": str(device)}
+                    "noe": noe, "ipc": ipc, "net": params.distill.net, "device": str(device),
+                    "shards": "all" if shards is None else ",".join(map(str, shards))}
     name = f"trajectories {ipc}x{noe}"
     with stage_run(params, name, stage_params, {"stage": "trajectories"}) as run:
         space = "ZCA" if mtt.zca else "normalized"
@@ -66,7 +86,7 @@ def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path,
         log_input(prepared, "prepared", "data", prep.digest)
         log_input(part_file, f"partition-noe{noe}", "partition", part.digest)
         log = TeacherLog(run.info.run_id)
-        result = _train(params, prep, part, target, device, epochs, log, teacher_cache)
+        result = _train(params, prep, part, target, device, epochs, log, teacher_cache, shards)
         out = summarize(result)
         log.summary(result, out)
         _write_json(metrics, out)
@@ -74,13 +94,14 @@ def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path,
                 f"({result.seconds:.1f}s) -> {target}")
 
 
-def _train(params: Params, prep, part, target: Path, device, epochs: int, log, teacher_cache: Path | None):  # type: ignore[no-untyped-def]
+def _train(params: Params, prep, part, target: Path, device, epochs: int, log, teacher_cache: Path | None,  # type: ignore[no-untyped-def]
+           shards: list[int] | None = None):
     """Train the teachers with progress bars (one per shard) and their curves logged as they come."""
     from moedd.trajectories import TeacherRecord, train_teachers
 
     cfg = params.trajectories
     with bars() as b:
-        for k in range(part.noe):
+        for k in shards if shards is not None else range(part.noe):
             b.add(f"shard {k}", cfg.num_teachers * epochs)
 
         def on_epoch(k: int, i: int, epoch: int, acc: float, loss: float) -> None:
@@ -92,4 +113,4 @@ def _train(params: Params, prep, part, target: Path, device, epochs: int, log, t
             state = "kept" if rec.skipped else "trained"
             b.update(f"shard {rec.shard}", (rec.index + 1) * epochs, f"teacher {rec.index} {state}, test acc {100 * rec.test_acc:.1f}%")
 
-        return train_teachers(params, prep, part, target, device, on_epoch, on_teacher, teacher_cache)
+        return train_teachers(params, prep, part, target, device, on_epoch, on_teacher, teacher_cache, shards)

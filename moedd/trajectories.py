@@ -344,13 +344,13 @@ def _write_zca(path: Path, zca: ZCA | None) -> None:
     zca.save(path)
 
 
-def _remove_stale(out: Path, noe: int, num_teachers: int) -> None:
+def _remove_stale(out: Path, shards: list[int], num_teachers: int) -> None:
     """Drop teacher files the current settings do not ask for, and leftovers of interrupted writes."""
     for shard_dir in out.glob("shard*"):
         for f in shard_dir.glob("teacher*.pt*"):
             stem = f.name.removeprefix("teacher").split(".")[0]
             k = shard_dir.name.removeprefix("shard")
-            keep = f.suffix == ".pt" and stem.isdigit() and k.isdigit() and int(stem) < num_teachers and int(k) < noe
+            keep = f.suffix == ".pt" and stem.isdigit() and k.isdigit() and int(stem) < num_teachers and int(k) in shards
             if not keep:
                 f.unlink()
 
@@ -358,7 +358,7 @@ def _remove_stale(out: Path, noe: int, num_teachers: int) -> None:
 def train_teachers(
     params: Params, prepared: Prepared, partition: Partition, out: str | Path, device: torch.device,
     on_epoch: TeacherEpochFn | None = None, on_teacher: TeacherDoneFn | None = None,
-    cache_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None, shards: list[int] | None = None,
 ) -> TrajectoriesResult:
     """Train (or keep) ``trajectories.num_teachers`` teachers per shard and write the directory.
 
@@ -372,26 +372,31 @@ def train_teachers(
         on_teacher: called once per teacher, trained or kept, with its record.
         cache_dir: where teachers are kept until the run is complete, keyed by fingerprint (see
             the module docstring); None = only in ``out``.
+        shards: the shards that get teachers (a heterogeneous mixture's MTT experts'); None = all.
+            The others have none (``Trajectories.count`` 0), recorded in meta.json.
 
     Returns:
         The meta written to ``meta.json`` and the record of every teacher.
     """
     t0 = time.perf_counter()
     ipc = validate_trajectories(params, prepared, partition)
+    wanted = sorted(set(shards)) if shards is not None else list(range(partition.noe))
+    if not wanted or any(not 0 <= k < partition.noe for k in wanted):
+        raise ConfigError(f"teacher shards {shards} do not fit NoE={partition.noe}")
     cfg, epochs = params.trajectories, teacher_epochs(params, ipc, prepared.paper)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # incomplete until every teacher is there
     space = input_space(mtt_config(params, ipc, prepared.paper), prepared, out / ZCA_FILE)
     _write_zca(out / ZCA_FILE, space.zca)
-    _remove_stale(out, partition.noe, cfg.num_teachers)
+    _remove_stale(out, wanted, cfg.num_teachers)
     cache = Path(cache_dir) if cache_dir is not None else None
     test_x = test_y = None
     records: list[list[TeacherRecord]] = []
     for k, shard in enumerate(partition.shards):
         records.append([])
         x = y = None
-        for i in range(cfg.num_teachers):
+        for i in range(cfg.num_teachers if k in wanted else 0):
             path = teacher_path(out, k, i)
             fp = teacher_fingerprint(params, prepared, partition, k, i, epochs, space.zca_digest)
             cached = cache / f"{fp}.pt" if cache is not None else None
@@ -410,7 +415,7 @@ def train_teachers(
             records[k].append(rec)
             if on_teacher is not None:
                 on_teacher(rec)
-    meta = _meta(params, prepared, partition, epochs, space, records)
+    meta = _meta(params, prepared, partition, epochs, space, records, wanted)
     write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
     if cache is not None:  # complete: the output holds every teacher now
         for fp in (r.fingerprint for shard_recs in records for r in shard_recs):
@@ -439,7 +444,7 @@ def _train_one(
 
 
 def _meta(params: Params, prepared: Prepared, partition: Partition, epochs: int, space: InputSpace,
-          records: list[list[TeacherRecord]]) -> dict[str, Any]:
+          records: list[list[TeacherRecord]], shards: list[int]) -> dict[str, Any]:
     """The content of meta.json (deterministic: distillation checkpoints fingerprint it)."""
     ch, h, w = prepared.image_shape
     net = create_net(params.distill.net, prepared.num_classes, channels=ch, image_size=h)
@@ -452,6 +457,7 @@ def _meta(params: Params, prepared: Prepared, partition: Partition, epochs: int,
         param_count=sum(p.numel() for p in net.parameters()), image_shape=[ch, h, w], classes=prepared.classes,
         mean=list(prepared.mean), std=list(prepared.std), digest=digest, fingerprints=fps,
         test_acc=[[r.test_acc for r in shard] for shard in records],
+        shards=None if len(shards) == partition.noe else shards,
     ).model_dump()
 
 
@@ -482,6 +488,8 @@ class TrajectoriesMeta(BaseModel):
     fingerprints: list[list[str]]
     test_acc: list[list[float]]
     """Test accuracy (fraction) of each finished teacher, [shard][teacher]."""
+    shards: list[int] | None = None
+    """The shards that have teachers (a mixture's MTT experts'); None = every shard."""
 
 
 @dataclass
@@ -507,11 +515,17 @@ class Trajectories:
     def epochs(self) -> int:
         return int(self.meta["epochs"])
 
+    @property
+    def shards(self) -> list[int]:
+        """The shards that have teachers."""
+        listed = self.meta.get("shards")
+        return list(range(self.noe)) if listed is None else list(listed)
+
     def count(self, shard: int) -> int:
-        """Number of teachers of ``shard``."""
+        """Number of teachers of ``shard`` (0 for a shard trained without: ``shards``)."""
         if not 0 <= shard < self.noe:
             raise IndexError(f"shard {shard} out of range (NoE={self.noe})")
-        return int(self.meta["num_teachers"])
+        return int(self.meta["num_teachers"]) if shard in self.shards else 0
 
     def load(self, shard: int, index: int) -> Tensor:
         """Trajectory of teacher ``index`` of ``shard``: float32 (epochs+1, P), memory-mapped.
@@ -545,7 +559,8 @@ def load_trajectories(path: str | Path) -> Trajectories:
         meta = TrajectoriesMeta.model_validate_json((p / META_FILE).read_text())
     except ValidationError as err:
         raise ConfigError(f"{p / META_FILE} is not a trajectories meta file ({err.error_count()} errors)") from None
-    missing = [teacher_path(p, k, i) for k in range(meta.noe) for i in range(meta.num_teachers)
+    shards = range(meta.noe) if meta.shards is None else meta.shards
+    missing = [teacher_path(p, k, i) for k in shards for i in range(meta.num_teachers)
                if not teacher_path(p, k, i).exists()]
     if missing:
         raise ConfigError(f"{p} is incomplete: {len(missing)} teacher file(s) missing, e.g. {missing[0]}; "

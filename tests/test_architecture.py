@@ -41,12 +41,14 @@ NOT_RESULTS = {
 """Modules a stage imports that are deliberately NOT among its DVC deps, with the reason."""
 
 VALIDATION_ONLY = [("moedd.params", "moedd.experts"), ("moedd.params", "moedd.experts.mixture"),
-                   ("moedd.scale", "moedd.experts")]
+                   ("moedd.scale", "moedd.experts"),
+                   ("cli.trajectories", "moedd.experts"), ("cli.trajectories", "moedd.experts.mixture")]
 """Imports that only validate or size params: loading params.yaml validates every expert's section
 and reads every expert's rows of the run scale, so every command imports the expert registry, but
 a stage's result depends on an expert's module only when the command itself runs that expert (its
 own import of it is kept). ``grid.mixtures`` entries are checked with the mixture's name parser
-likewise."""
+likewise, and ``moedd trajectories --expert idm,mtt`` reads the registry only to pick the shards
+of a mixture's MTT experts, an option its stage never passes."""
 
 
 def _build_graph() -> grimp.ImportGraph:

@@ -100,6 +100,10 @@ PART = ["partition", "--prepared", "{w}/prepared", "--out", "{cwd}/out/p.pt"]
 CASES = {
     # names that are not registered
     "unknown expert": ([*D, "--expert", "gm", "--noe", "2"], "unknown expert 'gm'"),
+    "unknown expert in a mixture": ([*D, "--expert", "idc,gm", "--noe", "2"], "unknown expert 'gm'"),
+    "mixture of the wrong size": ([*D, "--expert", "idc,idm,dm", "--noe", "2"], "names 3 methods for 2 experts"),
+    "trajectories for a mixture without MTT": (["trajectories", "--noe", "2", "--expert", "idm,dm", "--out", "{cwd}/out"],
+                                               "no method of it needs teacher trajectories"),
     "unknown eval network": ([*EV, *GOOD, "--nets", "convnet3,lenet9"], "unknown network 'lenet9'"),
     "unknown distill network": ([*DM, "-S", "distill.net=lenet9"], "unknown network 'lenet9'"),
     "unknown dataset source": (["prepare", "--source", "mnist", "--out", "{cwd}/out"], "unknown dataset source 'mnist'"),

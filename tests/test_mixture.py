@@ -179,3 +179,18 @@ def test_grid_mixtures_are_checked_when_params_load(entry: dict, message: str) -
     assert load_params(None, {"grid.mixtures": [{"experts": "idc+idm", "noe": 2}]}).grid.mixtures[0].noe == 2
     with pytest.raises(ConfigError, match=message):
         load_params(None, {"grid.mixtures": [entry]})
+
+
+def test_teachers_only_for_the_shards_whose_method_needs_them(small, tmp_path: Path) -> None:
+    params = _mtt_params()
+    part = make_partition(small.train_labels, small.num_classes, 2, 0, small.digest)
+    train_teachers(params, small, part, tmp_path / "teachers", CPU, shards=[1])
+    teachers = load_trajectories(tmp_path / "teachers")
+    assert teachers.shards == [1] and teachers.count(0) == 0 and teachers.count(1) == 1
+    assert not list((tmp_path / "teachers").glob("shard0/*.pt"))
+    res = run_distillation("idm,mtt", params, small, part, CPU, trajectories=teachers)  # expert 1 is MTT
+    assert res.metas[1].method == "mtt"
+    with pytest.raises(ConfigError, match="no teacher trajectories for shard 0"):
+        plan_run("mtt,idm", params, small, part, CPU, teachers)  # MTT on shard 0, which has none
+    with pytest.raises(ConfigError, match="no teacher trajectories for shard 0"):
+        plan_run("mtt", params, small, part, CPU, teachers)  # the homogeneous run needs every shard's
