@@ -254,6 +254,11 @@ class EvaluateConfig(Section):
     """The test pass's arithmetic: fp32, bf16 autocast, or auto (bf16 where the device computes it
     natively: AVX512-BF16/AMX CPUs, CUDA compute capability >= 8). Training is always fp32. A
     result-changing choice (in the checkpoint fingerprint); its accuracy cost is in docs/results.md."""
+    seeds_together: int = Field(1, ge=1)
+    """How many seeds of one network train together as one stacked model (``moedd.seeds``: the
+    ConvNets; other networks train seed by seed): speed on a GPU, where a small ConvNet's seeds
+    are launch-bound. 1 = seed by seed. A result-changing choice (the grouped convolution sums in
+    another order: the parameters agree to rounding), so it is in the checkpoint fingerprint."""
     device: str = "auto"
     checkpoint_every: int = Field(100, ge=1)
     """Epochs between checkpoints of the (network, seed) unit in training, so that `moedd evaluate`

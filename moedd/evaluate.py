@@ -212,7 +212,7 @@ def train_network(
         torch.manual_seed(seed)
         net = create_net(net_name, num_classes, channels=ch, image_size=h)
     fmt = memory_format_for(net, device)
-    net = net.to(device, memory_format=fmt)
+    net = net.to(device, data.images.dtype, memory_format=fmt)  # the images' dtype: float32 (float64 in tests)
     opt = torch.optim.SGD(net.parameters(), lr=data.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=device).manual_seed(seed + 7919)
     host = torch.Generator().manual_seed(seed + 15_485_863)  # DSA's group per batch, drawn without a device sync
@@ -476,19 +476,63 @@ def evaluate_training_set(
     restored, announced = 0, False
     for name in cfg.nets:
         res = results[name] = NetResult(name)
+        done = {s: r for s in cfg.seeds if checkpoints and (r := checkpoints.finished(name, s)) is not None}
+        trained = _train_groups(name, [s for s in cfg.seeds if s not in done], data, test_x, test_y, num_classes,
+                                cfg, fusion, on_epoch, checkpoints, on_curve)
         for seed in cfg.seeds:
-            record = checkpoints.finished(name, seed) if checkpoints else None
+            record = done.get(seed) or trained.get(seed)
             if record is None:
                 record = _train_unit(name, seed, data, test_x, test_y, num_classes, cfg, fusion, on_epoch,
                                      checkpoints, on_resume, restored, announced, on_curve)
                 announced = True
-            else:
+            elif seed in done:
                 restored += 1
             res.accs.append(record.acc)
             res.seconds += record.seconds
             if on_result:
                 on_result(name, seed, record.acc)
     return results
+
+
+def _train_groups(
+    name: str, seeds: list[int], data: TrainingSet, test_x: Tensor, test_y: Tensor, num_classes: int,
+    cfg: EvaluateConfig, fusion: FusionConfig, on_epoch: EpochFn | None,
+    checkpoints: EvaluationCheckpoints | None, on_curve: CurveFn | None,
+) -> dict[int, UnitRecord]:
+    """The units of ``seeds`` trained ``cfg.seeds_together`` at a time (``moedd.seeds``), where the
+    network can be stacked; {} when seed by seed (the default, 1). A group resumes when all its
+    units have checkpoints of one epoch (else those units train alone, resuming their own)."""
+    from moedd.seeds import can_stack, train_seeds_together
+
+    ch, h = data.images.shape[1], data.images.shape[2]
+    if cfg.seeds_together < 2 or len(seeds) < 2 or not can_stack(name, num_classes, ch, h):
+        return {}
+    out: dict[int, UnitRecord] = {}
+    for i in range(0, len(seeds), cfg.seeds_together):
+        group = seeds[i:i + cfg.seeds_together]
+        states = [checkpoints.load_state(name, s) if checkpoints else None for s in group]
+        if any(st is not None for st in states) and (None in states or len({int(st["epoch"]) for st in states}) > 1):
+            continue  # mixed progress: each unit trains (and resumes) alone
+        if len(group) < 2:
+            continue
+        t0 = time.perf_counter()
+        before = sum(float(st["seconds"]) for st in states) if states[0] is not None else 0.0
+
+        def save(seed: int, st: dict[str, Any], _t0: float = t0, _n: int = len(group)) -> None:
+            if checkpoints is not None:
+                checkpoints.save_state(name, seed, {**st, "seconds": (before + time.perf_counter() - _t0) / _n})
+
+        cb = (lambda s, e: on_epoch(name, s, e)) if on_epoch else None
+        stats = (lambda s, e, a, loss: on_curve(name, s, e, a, loss)) if on_curve else None
+        nets = train_seeds_together(name, data, cfg, fusion, group, num_classes, cb,
+                                    resume=states if states[0] is not None else None, checkpoint=save, on_stats=stats)
+        share = (before + time.perf_counter() - t0) / len(group)
+        for seed, net in zip(group, nets, strict=True):
+            acc = test_accuracy(net, test_x, test_y, cfg.test_batch_size, test_dtype(cfg.test_precision, test_x.device))
+            out[seed] = UnitRecord(name, seed, acc, share)
+            if checkpoints is not None:
+                checkpoints.finish(out[seed])
+    return out
 
 
 def _train_unit(
