@@ -103,7 +103,7 @@ S=(-S data.source=imagefolder -S "data.root=$ROOT" -S data.download=false
 if [[ $SIZE == tiny ]]; then  # rehearsal: same steps, seconds each
   S+=(-S evaluate.epochs=2 -S experts.idm.batch_real=16 -S experts.idc.n_data=64 -S experts.idc.batch_real=8
       -S trajectories.batch_size=64)
-  IT_DM=2; IT_DM_LONG=3; IT_IDM=2; IT_IDC=1; IN_IDC=2; IT_IDC_LONG=2; IT_MTT=2; MTT_STEPS=2
+  SEED_EPOCHS=2; IT_DM=2; IT_DM_LONG=3; IT_IDM=2; IT_IDC=1; IN_IDC=2; IT_IDC_LONG=2; IT_MTT=2; MTT_STEPS=2
   BENCH=(--quick --only dm --dm-reps 1 --no-noe2 --no-bf16)
   SMALL_IDC_MTT=(--idc-batch-real 8 --idc-n-data 64 --mtt-ipc 2 --mtt-syn-steps 3)  # profile/layout phases
 else
@@ -131,11 +131,15 @@ cross_eval() {  # cross_eval NAME: VGG11, ResNet18, AlexNet x seeds 0,1,2 on an 
     --nets vgg11,resnet18,alexnet --seeds "${XSEEDS:-0,1,2}" --metrics "metrics/evaluate/$1-xarch.json" "${S[@]}"
 }
 
-# ---- phases (PHASES="graphtests bench profile layout rows more xarch long" by default; a later session can run a subset) -----
+# ---- phases (PHASES="graphtests bench seeds profile layout rows more xarch long" by default; a later session can run a subset) -----
 R=$CARRY/refs
 phase_bench() {  # the benchmark table on this device, next to the reference code
   step bench 120 240 python3 benchmarks/bench.py --device "$DEVICE" --reference-dc $R/dc --reference-idm $R/idm \
     --reference-idc $R/idc --reference-mtt $R/mtt --json bench-cuda.json "${BENCH[@]}" ${BENCH_ARGS:-}
+}
+phase_seeds() {  # issue 18 item 5: five ConvNet-3 seeds on 100 images trained together vs one by one (goal >= 3x)
+  step seeds 60 180 python3 -m benchmarks.seeds_together --prepared data/prepared --device "$DEVICE" --images 100 \
+    --seeds 5 --epochs ${SEED_EPOCHS:-300} --reps 3
 }
 phase_graphtests() {  # the CUDA-only tests: MTT's captured graph replays its eager body (needs pytest in .whl)
   step graphtests 60 180 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_mtt.py tests/test_idc.py -k cuda_graph -rs
@@ -173,7 +177,7 @@ phase_long() {  # a CPU hour of DM (2,500 iterations) and 1,000 IDC matching ste
   distill_eval dm-long-noe1 dm 1 60 150 -S "experts.dm.iterations=$IT_DM_LONG" -S experts.dm.batch_real=128
   distill_eval idc-long-noe1 idc 1 200 300 -S "experts.idc.iterations=$IT_IDC_LONG" -S "experts.idc.inner_loop=$IN_IDC"
 }
-for ph in ${PHASES:-graphtests bench profile layout rows more xarch long}; do log "phase $ph"; "phase_$ph"; done
+for ph in ${PHASES:-graphtests bench seeds profile layout rows more xarch long}; do log "phase $ph"; "phase_$ph"; done
 
 step report 10 60 moedd report --metrics-dir metrics/evaluate --out metrics/report.md "${S[@]}"
 log "session done"
