@@ -306,11 +306,28 @@ def _grid_cells(p: Params, shapes: dict[str, DataShape]) -> Iterator[tuple[DataS
                 yield data, budget, method, noe, ipc, method_config(p, method, ipc, data.paper)[0]
 
 
+def _mixture_cells(p: Params, shapes: dict[str, DataShape]) -> Iterator[tuple[DataShape, int, int, list[tuple[str, Any]]]]:
+    """Every heterogeneous mixture of the grid: (data, budget, IPC, [(method, effective config)]
+    per expert); each member costs what its method's one-expert run costs (``moedd.experts.mixture``)."""
+    from moedd.experts.mixture import parse_methods
+
+    for name in p.grid.datasets:
+        data = shapes[name]
+        for budget in p.grid.budgets:
+            for mix in p.grid.mixtures:
+                ipc = check_budget(budget, mix.noe)
+                yield data, budget, ipc, [(m, method_config(p, m, ipc, data.paper)[0])
+                                          for m in parse_methods(mix.experts, EXPERTS.names())]
+
+
 def _distill(p: Params, costs: UnitCosts, shapes: dict[str, DataShape]) -> Line:
     line = Line("distill", 0, 0.0, "iterations x measured iteration")
     for data, _budget, method, noe, ipc, cfg in _grid_cells(p, shapes):
         line.cells += 1
         line.seconds += _distill_cell(method, cfg, data, noe, ipc, costs, p.evaluate.batch_size)
+    for data, _budget, ipc, members in _mixture_cells(p, shapes):
+        line.cells += 1
+        line.seconds += sum(_distill_cell(m, cfg, data, 1, ipc, costs, p.evaluate.batch_size) for m, cfg in members)
     return line
 
 
@@ -330,8 +347,10 @@ def _distill_cell(method: str, cfg: Any, data: DataShape, noe: int, ipc: int, co
 def _evaluate(p: Params, costs: UnitCosts, shapes: dict[str, DataShape], dsa: str | None) -> Line:
     ev = p.evaluate
     line = Line("evaluate", 0, 0.0, f"{len(ev.nets)} nets x {len(ev.seeds)} seeds x {ev.epochs} epochs")
-    for data, budget, _method, _noe, _ipc, cfg in _grid_cells(p, shapes):
-        images = data.num_classes * budget * _decoded_per_stored(cfg)
+    sets = [(data, data.num_classes * budget * _decoded_per_stored(cfg)) for data, budget, _m, _n, _i, cfg in _grid_cells(p, shapes)]
+    sets += [(data, sum(data.num_classes * ipc * _decoded_per_stored(cfg) for _m, cfg in members))
+             for data, _budget, ipc, members in _mixture_cells(p, shapes)]
+    for data, images in sets:
         line.cells += 1
         for net in ev.nets:
             epoch = costs.epoch(net, data, images, ev.batch_size, dsa)

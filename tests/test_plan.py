@@ -76,3 +76,24 @@ def test_moedd_plan_prints_the_stages_and_the_total(tiny_folder: Path, tmp_path:
     assert result.exit_code == 0, result.output
     assert "evaluate" in result.output and "full_data" in result.output and "total:" in result.output
     assert (tmp_path / ".moedd" / "calibration.json").exists()
+
+
+def test_a_mixture_costs_its_members_one_expert_runs(tmp_path: Path) -> None:
+    """grid.mixtures adds a distill cell (each member's one-expert run at the mixture's IPC: DM's
+    iteration at NoE 1, IPC 2; random selection costs nothing) and an evaluate cell (its experts'
+    images: 2 x 3 classes x IPC 2)."""
+    from moedd.params import method_config
+
+    params = _grid(**{"grid.experts": [], "grid.baselines": [], "grid.mixtures": [{"experts": "dm+random", "noe": 2}]})
+    dsa = params.evaluate.dsa_strategy
+    costs = {f"step|convnet3|{DATA.shape}|3|{b}|{dsa}": 0.01 for b in PROBE_BATCHES}
+    costs[f"test|convnet3|{DATA.shape}|3|{params.evaluate.test_batch_size}"] = 1e-4
+    cfg, _ = method_config(params, "dm", 2, None)
+    costs[f"iteration|dm|{DATA.shape}|3|noe1|ipc2|{json.dumps(cfg.model_dump(mode='json'), sort_keys=True)}"] = 0.5
+    cache = tmp_path / "calibration.json"
+    cache.write_text(json.dumps({device_key(CPU): costs}))
+    cal = Calibration(cache, CPU)
+    lines = {line.stage: line for line in plan(params, UnitCosts(cal, params), {"tiny": DATA})}
+    assert cal.measured == []
+    assert lines["distill"].cells == 1 and lines["distill"].seconds == pytest.approx(50 * 0.5)
+    assert lines["evaluate"].cells == 1 and lines["evaluate"].seconds == pytest.approx(2 * (10 * 0.01 + 0.01))
