@@ -32,12 +32,12 @@ def evaluate(
 
     Finished (network, seed) units are kept and the unit in training is checkpointed every
     evaluate.checkpoint_every epochs under --checkpoint-dir/evaluate (keyed by the set, protocol and
-    test data), so the same command after an interruption continues there."""
+    test data), so the same command after an interruption continues there. Under `torchrun
+    --nproc-per-node N` the units are shared over the N ranks; rank 0 tracks and writes the metrics."""
     from moedd.data import load_prepared
     from moedd.device import resolve_device
-    from moedd.evaluate import EvaluationCheckpoints, fusion_effective
+    from moedd.distributed import ranks_from_env
     from moedd.synthetic import load_synthetic
-    from moedd.tracking import EvaluationRuns, cell_tags, stage_run
 
     params = _params(params_path, sets, **{
         "evaluate.nets": _csv_list(nets), "evaluate.seeds": _csv_list(seeds, int),
@@ -45,26 +45,49 @@ def evaluate(
     })
     syn, prep, dev = load_synthetic(synthetic), load_prepared(prepared), resolve_device(params.evaluate.device)
     _check(syn, prep, params)
+    ranks = ranks_from_env()
+    dev = ranks.device(dev) if ranks else dev
+    cell_dir = (_checkpoints(checkpoint_dir) / "evaluate", f"{syn.method}-{syn.meta.ipc}x{syn.meta.noe}")
+    if ranks is not None and not ranks.main:  # its share of the units; rank 0 tracks and writes
+        _train(syn, prep, params, dev, _store(syn, prep, params, cell_dir), None, ranks)
+        return
+    _say(_tracked(synthetic, prepared, metrics, syn, prep, params, dev, cell_dir, ranks))
+
+
+def _store(syn: Any, prep: Any, params: Any, cell_dir: tuple[Path, str]) -> Any:
+    from moedd.evaluate import EvaluationCheckpoints
+
+    return EvaluationCheckpoints.for_cell(*cell_dir, syn, prep.test_images, prep.test_labels, params.evaluate,
+                                          params.fusion)
+
+
+def _tracked(synthetic: Path, prepared: Path, metrics: Path | None, syn: Any, prep: Any, params: Any, dev: Any,
+             cell_dir: tuple[Path, str], ranks: Any) -> dict[str, Any]:
+    """The evaluation inside its MLflow stage run (rank 0 of a launch): every unit's run, the
+    metrics JSON; the checkpoints cleared once the metrics are kept. Returns the summary."""
+    from moedd.evaluate import fusion_effective
+    from moedd.tracking import EvaluationRuns, cell_tags, stage_run
+
     m, cfg, fused, method = syn.meta, params.evaluate, fusion_effective(syn, params.fusion), syn.method
     protocol = _protocol(syn, params, fused)
     cell = cell_tags(method, m.budget, m.ipc, m.noe, prep.name, prep.paper)
     name = f"evaluate {method} {cell['dataset']} b{m.budget} {cell['config']}"
     with stage_run(params, name, {"expert": method, "noe": m.noe, "ipc": m.ipc, "budget": m.budget, **protocol},
                    {"stage": "evaluate", "expert": method, **cell}) as run:
+        ranked = f", {ranks.world} ranks" if ranks else ""
         console.log(f"{name}: {len(cfg.nets)} nets x {len(cfg.seeds)} seeds x {cfg.epochs} epochs, fusion {fused}, "
-                    f"device {dev}, MLflow run {run.info.run_id[:8]}")
+                    f"device {dev}{ranked}, MLflow run {run.info.run_id[:8]}")
         _log_inputs(synthetic, prepared, syn, prep)
-        store = EvaluationCheckpoints.for_cell(_checkpoints(checkpoint_dir) / "evaluate", f"{method}-{m.ipc}x{m.noe}",
-                                               syn, prep.test_images, prep.test_labels, cfg, params.fusion)
+        store = _store(syn, prep, params, cell_dir)
         for other in store.others():
             console.log(f"ignoring {other}: evaluation checkpoints of another protocol, set or test data")
         with EvaluationRuns(run.info.run_id, cell, {"expert": method, "noe": m.noe, "ipc": m.ipc},
                             DISPLAY_NAMES) as runs:
-            results = _train(syn, prep, params, dev, store, runs)
+            results = _train(syn, prep, params, dev, store, runs, ranks)
             runs.finish(results)
         _write_json(metrics, out := _summary(syn, prep, params, fused, results))
         store.clear()  # the cell is done and its metrics are kept
-    _say(out)
+    return out
 
 
 def _check(syn: Any, prep: Any, params: Any) -> None:
@@ -123,9 +146,10 @@ def _summary(syn: Any, prep: Any, params: Any, fused: str, results: dict[str, An
                            "accs": [round(100 * a, 2) for a in r.accs]} for net, r in results.items()}}
 
 
-def _train(syn: Any, prep: Any, params: Any, dev: Any, store: Any, runs: Any) -> dict[str, Any]:
-    """Every (network, seed) unit, with one progress bar per network; resumes from ``store``; each
-    unit's curve and accuracy go to ``runs`` (a ``moedd.tracking.EvaluationRuns``) as it finishes."""
+def _train(syn: Any, prep: Any, params: Any, dev: Any, store: Any, runs: Any, ranks: Any = None) -> dict[str, Any]:
+    """Every (network, seed) unit (this rank's share under torchrun), with one progress bar per
+    network; resumes from ``store``; each unit's curve and accuracy go to ``runs`` (a
+    ``moedd.tracking.EvaluationRuns``; None on ranks other than 0) as it finishes."""
     import mlflow
 
     from moedd.evaluate import evaluate_synthetic
@@ -146,7 +170,8 @@ def _train(syn: Any, prep: Any, params: Any, dev: Any, store: Any, runs: Any) ->
 
         def on_result(net: str, seed: int, acc: float) -> None:
             accs[net].append(acc)
-            runs.unit(net, seed, acc)
+            if runs is not None:
+                runs.unit(net, seed, acc)
             if (net, seed) not in trained:  # restored as finished: move the bar past it
                 on_epoch(net, seed, cfg.epochs)
 
@@ -156,4 +181,4 @@ def _train(syn: Any, prep: Any, params: Any, dev: Any, store: Any, runs: Any) ->
             mlflow.set_tag("moedd.resumed", what)
 
         return evaluate_synthetic(syn, prep.test_images, prep.test_labels, cfg, params.fusion, dev, on_result,
-                                  on_epoch, store, on_resume, runs.curve)
+                                  on_epoch, store, on_resume, runs.curve if runs is not None else None, ranks)

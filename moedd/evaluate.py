@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from moedd.moe import MixupFusion
 from moedd.precision import test_dtype
 from moedd.nets import create_net
 from moedd.synthetic import DECODERS, SyntheticMeta, SyntheticSet
+
+if TYPE_CHECKING:
+    from moedd.distributed import Ranks
 
 SMALL_FOR_ALEXNET = 16
 """Below this image side, AlexNet (no normalisation) is built but barely leaves chance under the
@@ -430,7 +433,7 @@ def evaluate_synthetic(
     syn: SyntheticSet, test_images: Tensor, test_labels: Tensor, cfg: EvaluateConfig, fusion: FusionConfig,
     device: torch.device, on_result: ResultFn | None = None, on_epoch: EpochFn | None = None,
     checkpoints: EvaluationCheckpoints | None = None, on_resume: ResumeFn | None = None,
-    on_curve: CurveFn | None = None,
+    on_curve: CurveFn | None = None, ranks: Ranks | None = None,
 ) -> dict[str, NetResult]:
     """Evaluate a synthetic set on every network of ``cfg.nets`` over ``cfg.seeds``.
 
@@ -452,6 +455,9 @@ def evaluate_synthetic(
             unit resumed from a checkpoint, and for the first unit trained after restored ones.
         on_curve: called (net, seed, epoch, training accuracy, loss) after each epoch trained in
             this call (the curve of a resumed unit starts where it resumed).
+        ranks: the ranks of a ``torchrun`` launch (``moedd.distributed``): each trains its share
+            of the (network, seed) units; every rank returns all results, and ``on_result`` /
+            ``on_curve`` run on rank 0 only, for every unit (curves gathered from the others).
 
     Returns:
         Per network name, the accuracies (fractions) in seed order; ``seconds`` sums the units'
@@ -460,18 +466,21 @@ def evaluate_synthetic(
     data = pool_experts(syn, cfg.lr, device)
     test_x = prepare_test_images(syn, test_images, device)
     return evaluate_training_set(data, test_x, test_labels.to(device), len(syn.meta.classes), cfg, fusion,
-                                 on_result, on_epoch, checkpoints, on_resume, on_curve)
+                                 on_result, on_epoch, checkpoints, on_resume, on_curve, ranks)
 
 
 def evaluate_training_set(
     data: TrainingSet, test_x: Tensor, test_y: Tensor, num_classes: int, cfg: EvaluateConfig, fusion: FusionConfig,
     on_result: ResultFn | None = None, on_epoch: EpochFn | None = None,
     checkpoints: EvaluationCheckpoints | None = None, on_resume: ResumeFn | None = None,
-    on_curve: CurveFn | None = None,
+    on_curve: CurveFn | None = None, ranks: Ranks | None = None,
 ) -> dict[str, NetResult]:
     """:func:`evaluate_synthetic` on a training set already on the device (a pooled synthetic set,
     or the full real training set of the reference, ``moedd.reference``) and test images already
     in its space; same arguments and result."""
+    if ranks is not None and ranks.world > 1:
+        return _evaluate_on_ranks(data, test_x, test_y, num_classes, cfg, fusion, on_result, on_epoch,
+                                  checkpoints, on_curve, ranks)
     results: dict[str, NetResult] = {}
     restored, announced = 0, False
     for name in cfg.nets:
@@ -491,6 +500,43 @@ def evaluate_training_set(
             res.seconds += record.seconds
             if on_result:
                 on_result(name, seed, record.acc)
+    return results
+
+
+def _evaluate_on_ranks(
+    data: TrainingSet, test_x: Tensor, test_y: Tensor, num_classes: int, cfg: EvaluateConfig, fusion: FusionConfig,
+    on_result: ResultFn | None, on_epoch: EpochFn | None, checkpoints: EvaluationCheckpoints | None,
+    on_curve: CurveFn | None, ranks: Ranks,
+) -> dict[str, NetResult]:
+    """The (network, seed) units shared over the ranks (every world-th unit, in table order), each
+    trained and checkpointed as in one process; records and curves gathered on every rank. A unit
+    is deterministic given its seed, so the accuracies are those of the one-process run with the
+    same kernels (threads per process included)."""
+    from moedd.distributed import gather
+
+    units = [(net, seed) for net in cfg.nets for seed in cfg.seeds]
+    mine: list[UnitRecord] = []
+    curves: list[tuple[str, int, int, float, float]] = []
+    keep = lambda n, s, e, a, loss: curves.append((n, s, e, a, loss))  # noqa: E731  (every rank: rank 0 logs them)
+    for net, seed in ranks.share(units):
+        record = checkpoints.finished(net, seed) if checkpoints else None
+        if record is None:
+            record = _train_unit(net, seed, data, test_x, test_y, num_classes, cfg, fusion, on_epoch,
+                                 checkpoints, None, 0, True, keep)
+        mine.append(record)
+    gathered = gather((mine, curves))
+    by_unit = {(r.net, r.seed): r for recs, _ in gathered for r in recs}
+    if on_curve and ranks.main:  # before the results: a unit's curve goes with its result
+        for _recs, rank_curves in gathered:
+            for point in rank_curves:
+                on_curve(*point)
+    results = {net: NetResult(net) for net in cfg.nets}
+    for net, seed in units:
+        record = by_unit[(net, seed)]
+        results[net].accs.append(record.acc)
+        results[net].seconds += record.seconds
+        if on_result and ranks.main:
+            on_result(net, seed, record.acc)
     return results
 
 

@@ -34,6 +34,7 @@ NOT_RESULTS = {
     "moedd/device.py": "device choice, memory layout (channels-last) and allocator settings: speed only",
     "moedd/_graphs.py": "CUDA-graph capture and replay plumbing (the captured bodies live with their experts)",
     "moedd/_atomic.py": "how files are written (atomically), not what is in them",
+    "moedd/distributed.py": "which torchrun rank does which unit of work, not what a unit computes",
     "moedd/tracking.py": "MLflow logging and where checkpoints live",
     "moedd/visualize.py": "image grids for MLflow and `moedd show`",
     "cli/progress.py": "progress bars and log lines",

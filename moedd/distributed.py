@@ -1,0 +1,61 @@
+"""Ranks of a ``torchrun`` launch: PyTorch's own process groups, nothing home-made.
+
+``torchrun --nproc-per-node N -m moedd.cli evaluate ...`` starts N processes with ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK`` and a rendezvous in the environment (``--nnodes``/``--rdzv-*`` for
+several machines). :func:`ranks_from_env` joins the default process group (gloo on the CPU, NCCL
+with CUDA) and says which rank this process is; without those variables (a plain ``moedd``) it
+returns None and nothing distributed happens. Collectives time out after ``MOEDD_DIST_TIMEOUT``
+seconds (default 1800, gloo's own default), so a dead rank ends the others with an error instead
+of a hang; tests set it short.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the launch."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: owns tracking and the outputs."""
+        return self.rank == 0
+
+    def share(self, items: list[Any]) -> list[Any]:
+        """This rank's share of ``items``: every world-th one, starting at its rank."""
+        return items[self.rank::self.world]
+
+    def device(self, requested: torch.device) -> torch.device:
+        """A CUDA request becomes this rank's own GPU (``LOCAL_RANK``); the CPU stays the CPU."""
+        return torch.device("cuda", self.local_rank) if requested.type == "cuda" else requested
+
+
+def ranks_from_env() -> Ranks | None:
+    """Join the process group of a ``torchrun`` launch (once); None when not launched by one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        timeout = timedelta(seconds=float(os.environ.get("MOEDD_DIST_TIMEOUT", "1800")))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
