@@ -63,3 +63,38 @@ def test_evaluate_on_two_ranks_gives_the_one_process_metrics(tiny_folder: Path, 
     assert [len(u) for u in per_launch] == [3, 3]  # every unit logged once, by rank 0
     # the units rank 1 trained have their training curves too (gathered), as in one process
     assert [sorted(u.data.metrics) for u in per_launch[0]] == [sorted(u.data.metrics) for u in per_launch[1]]
+
+
+def _rank_grads(rank: int, world: int, init: str, feats: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    from moedd.distributed import ranked_diversity_term
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        local = feats[rank:rank + 1].clone().requires_grad_(True)  # expert `rank` lives on rank `rank`
+        term, dcor = ranked_diversity_term(local, 0.1, "bias_corrected")
+        term.backward()
+        torch.save({"grad": local.grad, "dcor": dcor}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_diversity_gradient_on_two_ranks_is_the_joint_one(tmp_path: Path) -> None:
+    """Two experts on two ranks (gloo): each expert's gradient of λ·dCor equals the one-process
+    joint gradient bit for bit (each rank adds half the term; the gather's backward sums two equal
+    halves, which is exact), and both ranks see the joint dCor."""
+    import torch.multiprocessing as mp
+
+    from moedd.moe.dcor import diversity_term
+
+    feats = torch.randn(2, 3, 5, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    joint = feats.clone().requires_grad_(True)
+    term, dcor = diversity_term(joint, 0.1, "bias_corrected")
+    term.backward()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.start_processes(_rank_grads, args=(2, init, feats, str(tmp_path / "g")), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        got = torch.load(f"{tmp_path / 'g'}.{rank}", weights_only=True)
+        assert torch.equal(got["grad"][0], joint.grad[rank])
+        assert torch.equal(got["dcor"], dcor)
