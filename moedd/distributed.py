@@ -69,15 +69,3 @@ def gather_experts(local: torch.Tensor) -> torch.Tensor:
 
     return torch.cat(all_gather(local.contiguous()))
 
-
-def ranked_diversity_term(local: torch.Tensor, weight: float, estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoE-DD's diversity term when each rank holds some experts' features (k, C, n, D): the
-    term over all experts, divided by the world size, to add to this rank's loss, and the term's
-    dCor (detached, the same on every rank). Every rank computes the whole term on the gathered
-    features; the gather's backward sums the world copies of each expert's gradient, so adding
-    1/world of it on each rank gives every expert exactly the gradient of λ·dCor of the joint
-    objective (for two ranks bit for bit: halving and summing two equal halves is exact)."""
-    from moedd.moe.dcor import diversity_term
-
-    term, dcor = diversity_term(gather_experts(local), weight, estimator)
-    return term / dist.get_world_size(), dcor

@@ -68,7 +68,7 @@ def test_evaluate_on_two_ranks_gives_the_one_process_metrics(tiny_folder: Path, 
 def _rank_grads(rank: int, world: int, init: str, feats: torch.Tensor, out: str) -> None:
     import torch.distributed as dist
 
-    from moedd.distributed import ranked_diversity_term
+    from moedd.moe.dcor import ranked_diversity_term
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:

@@ -138,3 +138,18 @@ def diversity_term(features: Tensor, weight: float, estimator: str = "bias_corre
         return zero, zero
     dcor = expert_dcor_loss(features, estimator)
     return weight * dcor, dcor.detach()
+
+
+def ranked_diversity_term(local: Tensor, weight: float, estimator: str) -> tuple[Tensor, Tensor]:
+    """MoE-DD's diversity term when each rank holds some experts' features (k, C, n, D): the
+    term over all experts, divided by the world size, to add to this rank's loss, and the term's
+    dCor (detached, the same on every rank). Every rank computes the whole term on the gathered
+    features; the gather's backward sums the world copies of each expert's gradient, so adding
+    1/world of it on each rank gives every expert exactly the gradient of λ·dCor of the joint
+    objective (for two ranks bit for bit: halving and summing two equal halves is exact)."""
+    import torch.distributed as dist
+
+    from moedd.distributed import gather_experts
+
+    term, dcor = diversity_term(gather_experts(local), weight, estimator)
+    return term / dist.get_world_size(), dcor
