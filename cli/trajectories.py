@@ -66,7 +66,8 @@ def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path,
     from moedd.data import load_partition, load_prepared
     from moedd.device import resolve_device
     from moedd.tracking import TeacherLog, log_input, stage_run
-    from moedd.trajectories import mtt_config, summarize, teacher_epochs, validate_trajectories
+    from moedd.distributed import ranks_from_env
+    from moedd.trajectories import mtt_config, summarize, teacher_epochs, train_teachers, validate_trajectories
 
     device = resolve_device(params.trajectories.device)
     prep = load_prepared(prepared)
@@ -74,6 +75,11 @@ def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path,
     if part.noe != noe:
         raise ConfigError(f"{part_file} has {part.noe} shards but --noe is {noe}")
     ipc = validate_trajectories(params, prep, part)  # before any work or tracking
+    ranks = ranks_from_env()
+    device = ranks.device(device) if ranks else device
+    if ranks is not None and not ranks.main:  # its share of the teachers; rank 0 tracks and writes meta.json
+        train_teachers(params, prep, part, target, device, cache_dir=teacher_cache, shards=shards, ranks=ranks)
+        return
     epochs, mtt, cfg = teacher_epochs(params, ipc, prep.paper), mtt_config(params, ipc, prep.paper), params.trajectories
     stage_params = {**flatten(cfg, "trajectories."), "epochs": epochs, "zca": mtt.zca, "zca_eps": mtt.zca_eps,
                     "noe": noe, "ipc": ipc, "net": params.distill.net, "device": str(device),
@@ -86,7 +92,7 @@ def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path,
         log_input(prepared, "prepared", "data", prep.digest)
         log_input(part_file, f"partition-noe{noe}", "partition", part.digest)
         log = TeacherLog(run.info.run_id)
-        result = _train(params, prep, part, target, device, epochs, log, teacher_cache, shards)
+        result = _train(params, prep, part, target, device, epochs, log, teacher_cache, shards, ranks)
         out = summarize(result)
         log.summary(result, out)
         _write_json(metrics, out)
@@ -95,7 +101,7 @@ def _run_trajectories(params: Params, noe: int, prepared: Path, part_file: Path,
 
 
 def _train(params: Params, prep, part, target: Path, device, epochs: int, log, teacher_cache: Path | None,  # type: ignore[no-untyped-def]
-           shards: list[int] | None = None):
+           shards: list[int] | None = None, ranks=None):
     """Train the teachers with progress bars (one per shard) and their curves logged as they come."""
     from moedd.trajectories import TeacherRecord, train_teachers
 
@@ -113,4 +119,4 @@ def _train(params: Params, prep, part, target: Path, device, epochs: int, log, t
             state = "kept" if rec.skipped else "trained"
             b.update(f"shard {rec.shard}", (rec.index + 1) * epochs, f"teacher {rec.index} {state}, test acc {100 * rec.test_acc:.1f}%")
 
-        return train_teachers(params, prep, part, target, device, on_epoch, on_teacher, teacher_cache, shards)
+        return train_teachers(params, prep, part, target, device, on_epoch, on_teacher, teacher_cache, shards, ranks)

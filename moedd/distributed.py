@@ -54,6 +54,11 @@ def ranks_from_env() -> Ranks | None:
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    dist.barrier()
+
+
 def gather(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order, on every rank."""
     out: list[Any] = [None] * dist.get_world_size()

@@ -297,8 +297,9 @@ class TeacherLog:
         log_metric_rows(self.run_id, rows)
 
     def teacher(self, rec: Any) -> None:
-        """A finished teacher (``moedd.trajectories.TeacherRecord``); a kept one gets its curve too."""
-        if rec.skipped:
+        """A finished teacher (``moedd.trajectories.TeacherRecord``); a kept one, or one another
+        torchrun rank trained, gets its curve too (it was not streamed here epoch by epoch)."""
+        if rec.skipped or rec.rank != 0:
             self.curve(rec.shard, rec.index, rec.train_acc, rec.train_loss, 1)
         self.client.log_metric(self.run_id, f"test_acc.shard{rec.shard}.teacher{rec.index:03d}", 100 * rec.test_acc)
 

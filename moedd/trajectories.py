@@ -49,7 +49,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,6 +63,7 @@ from moedd.augment import DSA, DSAParams
 from moedd.config import ConfigError, TrajectoriesConfig, check_budget
 from moedd.data import Partition, Prepared, check_ipc_fits
 from moedd.data.zca import ZCA, fit_zca, load_zca
+from moedd.distributed import Ranks, barrier
 from moedd.device import memory_format_for
 from moedd.nets import create_net
 from moedd.experts.mtt import MTTConfig
@@ -263,6 +264,8 @@ class TeacherRecord:
     test_acc: float
     skipped: bool = False
     seconds: float = 0.0
+    rank: int = 0
+    """The torchrun rank that trained (or kept) it; 0 without torchrun."""
 
 
 @dataclass
@@ -358,7 +361,7 @@ def _remove_stale(out: Path, shards: list[int], num_teachers: int) -> None:
 def train_teachers(
     params: Params, prepared: Prepared, partition: Partition, out: str | Path, device: torch.device,
     on_epoch: TeacherEpochFn | None = None, on_teacher: TeacherDoneFn | None = None,
-    cache_dir: str | Path | None = None, shards: list[int] | None = None,
+    cache_dir: str | Path | None = None, shards: list[int] | None = None, ranks: Ranks | None = None,
 ) -> TrajectoriesResult:
     """Train (or keep) ``trajectories.num_teachers`` teachers per shard and write the directory.
 
@@ -374,6 +377,11 @@ def train_teachers(
             the module docstring); None = only in ``out``.
         shards: the shards that get teachers (a heterogeneous mixture's MTT experts'); None = all.
             The others have none (``Trajectories.count`` 0), recorded in meta.json.
+        ranks: the ranks of a ``torchrun`` launch (``moedd.distributed``): each trains every
+            world-th (shard, teacher); rank 0 fits and writes the ZCA first and writes meta.json
+            once every rank is done, and gets every record (``on_teacher`` runs there for the
+            others' teachers too). A teacher depends only on its seed and shard, so the files are
+            the one-process run's.
 
     Returns:
         The meta written to ``meta.json`` and the record of every teacher.
@@ -385,11 +393,19 @@ def train_teachers(
         raise ConfigError(f"teacher shards {shards} do not fit NoE={partition.noe}")
     cfg, epochs = params.trajectories, teacher_epochs(params, ipc, prepared.paper)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)  # incomplete until every teacher is there
-    space = input_space(mtt_config(params, ipc, prepared.paper), prepared, out / ZCA_FILE)
-    _write_zca(out / ZCA_FILE, space.zca)
-    _remove_stale(out, wanted, cfg.num_teachers)
+    main = ranks is None or ranks.main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / META_FILE).unlink(missing_ok=True)  # incomplete until every teacher is there
+        space = input_space(mtt_config(params, ipc, prepared.paper), prepared, out / ZCA_FILE)
+        _write_zca(out / ZCA_FILE, space.zca)
+        _remove_stale(out, wanted, cfg.num_teachers)
+    if ranks is not None:
+        barrier()  # the others read the ZCA rank 0 wrote, and write teachers only after its clean-up
+    if not main:
+        space = input_space(mtt_config(params, ipc, prepared.paper), prepared, out / ZCA_FILE)
+    units = [(k, i) for k in wanted for i in range(cfg.num_teachers)]
+    mine = set(ranks.share(units) if ranks is not None else units)
     cache = Path(cache_dir) if cache_dir is not None else None
     test_x = test_y = None
     records: list[list[TeacherRecord]] = []
@@ -397,6 +413,8 @@ def train_teachers(
         records.append([])
         x = y = None
         for i in range(cfg.num_teachers if k in wanted else 0):
+            if (k, i) not in mine:
+                continue
             path = teacher_path(out, k, i)
             fp = teacher_fingerprint(params, prepared, partition, k, i, epochs, space.zca_digest)
             cached = cache / f"{fp}.pt" if cache is not None else None
@@ -412,15 +430,33 @@ def train_teachers(
                                  cached or path, on_epoch)
                 if cached is not None:
                     _publish(cached, path)
+            if ranks is not None:
+                rec = replace(rec, rank=ranks.rank)
             records[k].append(rec)
             if on_teacher is not None:
                 on_teacher(rec)
+    if ranks is not None:
+        records = _gathered(records, on_teacher if main else None, ranks.rank)
     meta = _meta(params, prepared, partition, epochs, space, records, wanted)
-    write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
-    if cache is not None:  # complete: the output holds every teacher now
+    if main:
+        write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
+    if cache is not None and main:  # complete: the output holds every teacher now
         for fp in (r.fingerprint for shard_recs in records for r in shard_recs):
             (cache / f"{fp}.pt").unlink(missing_ok=True)
     return TrajectoriesResult(meta, records, time.perf_counter() - t0)
+
+
+def _gathered(records: list[list[TeacherRecord]], on_teacher: TeacherDoneFn | None, rank: int) -> list[list[TeacherRecord]]:
+    """Every rank's records, per shard in teacher order; ``on_teacher`` for the other ranks' ones."""
+    from moedd.distributed import gather
+
+    every = [r for rank_records in gather(records) for shard in rank_records for r in shard]
+    out: list[list[TeacherRecord]] = [[] for _ in records]
+    for r in sorted(every, key=lambda r: (r.shard, r.index)):
+        out[r.shard].append(r)
+        if on_teacher is not None and r.rank != rank:
+            on_teacher(r)
+    return out
 
 
 def _train_one(

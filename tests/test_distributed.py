@@ -98,3 +98,35 @@ def test_the_diversity_gradient_on_two_ranks_is_the_joint_one(tmp_path: Path) ->
         got = torch.load(f"{tmp_path / 'g'}.{rank}", weights_only=True)
         assert torch.equal(got["grad"][0], joint.grad[rank])
         assert torch.equal(got["dcor"], dcor)
+
+
+def test_teachers_on_two_ranks_are_the_one_process_teachers(tmp_path: Path) -> None:
+    """`moedd trajectories` under torchrun: each rank trains every other (shard, teacher); the files
+    and meta.json are the one-process run's (a teacher depends on its seed and shard only)."""
+    from tinydata import make_image_folder
+
+    folder = make_image_folder(tmp_path / "folder", train_per_class=16, test_per_class=4, size=8)
+    env = _env(tmp_path)
+    moedd = str(BIN / "moedd")
+    common = ["-S", "experts.mtt.preset=none", "-S", "distill.budget=4", "-S", "trajectories.num_teachers=2",
+              "-S", "trajectories.epochs=2", "-S", "trajectories.batch_size=16", "-S", "trajectories.test_batch_size=64",
+              "-S", "experts.mtt.zca=false", "-S", "trajectories.device=cpu"]
+    for cmd in (["prepare", "--out", str(tmp_path / "prep"), "-S", "data.source=imagefolder", "-S", f"data.root={folder}",
+                 "-S", "data.download=false"],
+                ["partition", "--noe", "2", "--prepared", str(tmp_path / "prep"), "--out", str(tmp_path / "noe2.pt")]):
+        done = subprocess.run([moedd, *cmd], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    args = ["trajectories", "--noe", "2", "--prepared", str(tmp_path / "prep"), "--partition", str(tmp_path / "noe2.pt"),
+            *common]
+    one = subprocess.run([moedd, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "moedd.cli", *args,
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = (json.loads((tmp_path / n / "meta.json").read_text()) for n in ("one", "two"))
+    assert a == b and len(a["fingerprints"]) == 2 and all(len(f) == 2 for f in a["fingerprints"])
+    for k in (0, 1):
+        for i in (0, 1):
+            ta, tb = (torch.load(tmp_path / n / f"shard{k}" / f"teacher{i:03d}.pt", weights_only=True)["trajectory"]
+                      for n in ("one", "two"))
+            assert torch.equal(ta, tb)
