@@ -162,11 +162,14 @@ def _train(syn: Any, prep: Any, params: Any, dev: Any, store: Any, runs: Any, ra
         accs: dict[str, list[float]] = {n: [] for n in cfg.nets}
         trained: set[tuple[str, int]] = set()
 
+        epochs_done: dict[tuple[str, int], int] = {}
+
         def on_epoch(net: str, seed: int, epoch: int) -> None:
             trained.add((net, seed))
+            epochs_done[(net, seed)] = epoch  # the bar counts every seed's epochs (seeds may train together)
             done = accs[net]
             status = f"seed {seed}" + (f", acc {100 * sum(done) / len(done):.2f}%" if done else "")
-            b.update(DISPLAY_NAMES.get(net, net), cfg.seeds.index(seed) * cfg.epochs + epoch, status)
+            b.update(DISPLAY_NAMES.get(net, net), sum(e for (n, _), e in epochs_done.items() if n == net), status)
 
         def on_result(net: str, seed: int, acc: float) -> None:
             accs[net].append(acc)

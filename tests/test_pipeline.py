@@ -247,7 +247,7 @@ def test_the_ui_compares_the_pipeline_runs_in_a_real_browser(queued) -> None:
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1800, "height": 900})  # wide: the grid renders every column
+            page = browser.new_page(viewport={"width": 3200, "height": 900})  # wide: the grid renders every column (it renders only those in view)
             page.goto(ui_url("127.0.0.1", port, pipelines[0].info.experiment_id))
             page.wait_for_selector("text=qb", timeout=60_000)
             page.wait_for_timeout(1000)
