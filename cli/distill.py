@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,17 +35,20 @@ def distill(
     plots: Annotated[Path | None, typer.Option(help="Loss curve CSV (for DVC plots).")] = None,
     checkpoint_dir: CheckpointOpt = None,
     trajectories: Annotated[Path | None, typer.Option(help="Teacher trajectories of the shards (MTT; default data/trajectories/noe<N>).")] = None,
+    nproc: Annotated[int | None, typer.Option(help="Processes sharing the experts (torchrun on this machine; default distill.nproc).")] = None,
     params_path: ParamsOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """Distill the training set with NoE experts, jointly, each on its own shard: one method for
-    every expert, or one per expert (--expert idc,idm)."""
+    every expert, or one per expert (--expert idc,idm). Under `torchrun --nproc-per-node N` (or
+    with --nproc N, which launches it) each of N ranks optimises NoE/N experts, with the images of
+    the one-process run; rank 0 tracks and writes."""
     from moedd.experts.mixture import mixture_name, parse_methods
 
     methods = parse_methods(expert, EXPERTS.names())
     name, kinds = mixture_name(methods), [EXPERTS.get(m) for m in methods]
     params = _params(params_path, sets, **{
-        "distill.budget": budget, "distill.device": device,
+        "distill.budget": budget, "distill.device": device, "distill.nproc": nproc,
         **{f"experts.{m}.iterations": iterations for m in methods},
     })
     ipc = check_budget(params.distill.budget, noe)
@@ -50,17 +56,38 @@ def distill(
         raise ConfigError(f"--plots: {expert} selects real images and has no loss curve to plot")
     if any(k.needs_trajectories for k in kinds) and trajectories is None:
         trajectories = Path(f"data/trajectories/noe{noe}")
+    if params.distill.nproc > 1 and "WORLD_SIZE" not in os.environ:  # checked here, then run by torchrun
+        _inputs(params, name, noe, prepared, partition_path, trajectories, params.distill.nproc)
+        _launch(params.distill.nproc)
     _run_distill(params, name, noe, ipc, prepared, partition_path, out, metrics, plots, _checkpoints(checkpoint_dir),
                  trajectories)
 
 
+def _launch(nproc: int) -> None:
+    """Run this same command under ``torchrun --standalone --nproc-per-node nproc`` (this machine)
+    and exit with its status."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:  # this command without --nproc (the ranks must not launch again)
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "moedd.cli",
+           *argv]
+    console.log(f"launching {nproc} ranks: {' '.join(cmd[1:])}")
+    raise typer.Exit(subprocess.run(cmd).returncode)
+
+
 def _inputs(params: Params, expert: str, noe: int, prepared: Path, partition_path: Path | None,
-            trajectories_path: Path | None) -> tuple[Any, Path, Any, Any, Any, Any]:
+            trajectories_path: Path | None, world: int = 0) -> tuple[Any, Path, Any, Any, Any, Any]:
     """Load and validate the run's inputs (before any work or tracking): device, partition file,
-    prepared data, partition (made in memory when the file is absent), teachers and the plan."""
+    prepared data, partition (made in memory when the file is absent), teachers and the plan;
+    ``world``: the ranks it will run on (default: this launch's)."""
     from moedd.data import load_partition, load_prepared, make_partition
     from moedd.device import resolve_device
-    from moedd.distill import plan_run
+    from moedd.distill import check_spread, plan_run
 
     device = resolve_device(params.distill.device)
     prep = load_prepared(prepared)
@@ -79,6 +106,7 @@ def _inputs(params: Params, expert: str, noe: int, prepared: Path, partition_pat
             raise ConfigError(f"{trajectories_path} not found: run `moedd trajectories --noe {noe}` first")
         traj = load_trajectories(trajectories_path)
     plan = plan_run(expert, params, prep, part, device, traj)
+    check_spread(plan, world or int(os.environ.get("WORLD_SIZE", "1")))
     if not part_file.exists():  # said after validation: a bad input stays one line
         console.log(f"{part_file} not found: partitioned in memory (seed {params.partition.seed})")
     return device, part_file, prep, part, traj, plan
@@ -91,10 +119,18 @@ def _run_distill(
 ) -> None:
     import mlflow
 
+    from moedd.distributed import ranks_from_env
+    from moedd.distill import run_distillation
     from moedd.synthetic import save_synthetic
     from moedd.tracking import ExpertRuns, cell_tags, stage_run
 
     device, part_file, prep, part, traj, plan = _inputs(params, expert, noe, prepared, partition_path, trajectories_path)
+    ranks = ranks_from_env()
+    if ranks is not None:
+        device = ranks.device(device)
+        if not ranks.main:  # its block of experts; rank 0 tracks and writes
+            run_distillation(plan.method, params, prep, part, device, checkpoint_dir, None, "", traj, plan, ranks)
+            return
     target = out or Path(f"data/synthetic/{expert}-noe{noe}")
     stage_params = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget, "device": str(device),
                     "scale": params.scale,
@@ -103,10 +139,11 @@ def _run_distill(
     cell = cell_tags(expert, params.distill.budget, ipc, noe, prep.name, prep.paper)
     name = f"distill {expert} {cell['dataset']} b{params.distill.budget} {cell['config']}"
     with stage_run(params, name, stage_params, {"stage": "distill", "expert": expert, **cell}) as run:
-        console.log(f"{name} on {prep.name} ({prep.num_classes} classes), device {device}, MLflow run {run.info.run_id[:8]}")
+        on = f"{device}, {ranks.world} ranks" if ranks else str(device)
+        console.log(f"{name} on {prep.name} ({prep.num_classes} classes), device {on}, MLflow run {run.info.run_id[:8]}")
         _log_inputs(prepared, prep, part_file, part, trajectories_path, traj, noe)
         with ExpertRuns(run.info.run_id, plan.methods, noe, ipc) as runs:
-            result = _optimise(params, plan, prep, part, device, checkpoint_dir, traj, runs)
+            result = _optimise(params, plan, prep, part, device, checkpoint_dir, traj, runs, ranks)
             written = save_synthetic(target, list(result.images), [result.labels] * noe, result.metas, result.zca)
             runs.finish(result.images, result.metas, result.zca)
         summary = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget, "scale": params.scale,
@@ -133,7 +170,7 @@ def _log_inputs(prepared: Path, prep: Any, part_file: Path, part: Any, trajector
 
 
 def _optimise(params: Params, plan: Any, prep: Any, part: Any, device: Any, checkpoint_dir: Path, traj: Any,
-              runs: Any) -> Any:
+              runs: Any, ranks: Any = None) -> Any:
     """The run itself, with one progress bar per expert and the metrics sent to MLflow as they come."""
     from moedd.distill import run_distillation
     from moedd.tracking import git_commit
@@ -150,7 +187,8 @@ def _optimise(params: Params, plan: Any, prep: Any, part: Any, device: Any, chec
                 b.update(label, done, f"loss {loss:.4g}" if loss is not None else "")
             runs.log(rows)
 
-        return run_distillation(plan.method, params, prep, part, device, checkpoint_dir, on_log, git_commit(), traj, plan)
+        return run_distillation(plan.method, params, prep, part, device, checkpoint_dir, on_log, git_commit(), traj, plan,
+                                ranks)
 
 
 def _write_plots(path: Path | None, history: list[dict[str, float]]) -> None:

@@ -171,6 +171,9 @@ class DistillConfig(Section):
     MoE-DD's few images per class. [INFERRED]"""
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
+    nproc: int = Field(1, ge=1)
+    """Processes ``moedd distill`` launches (through ``torchrun``, one machine), each optimising
+    NoE/nproc experts on its own device; 1 = one process. Speed only: the images are the same."""
 
     @field_validator("net")
     @classmethod

@@ -8,6 +8,12 @@ all read that plan. The driver writes a checkpoint every ``checkpoint_every`` it
 started again with the same inputs, resumes from the checkpoint. Because all randomness of
 iteration ``it`` derives from (seed, it), a resumed run ends with exactly the images of an
 uninterrupted one.
+
+Experts on ranks (``torchrun --nproc-per-node N -m moedd.cli distill ...``, ``moedd.distributed``):
+rank r optimises the r-th contiguous block of NoE/N experts (``DistillContext.local``), drawing
+exactly the random numbers those experts draw in one process; the diversity term spans the ranks.
+Each rank checkpoints its block (:class:`RankCheckpoints`); rank 0 gathers the metric rows and the
+images, and the caller lets it alone track and write.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import Tensor
 from pydantic import BaseModel
 
 from moedd._atomic import save_torch
+from moedd.distributed import Ranks, barrier, gather
 from moedd.config import ConfigError, check_budget, check_dcor_rows
 from moedd.data import Partition, Prepared, check_ipc_fits
 from moedd.experts import EXPERTS, DistillContext, ExpertMethod, RunSpec
@@ -150,10 +157,31 @@ def member_seed(seed: int, k: int) -> int:
     return (seed * 1_000_003 + 7_919 * (k + 1)) % (2**31 - 1)
 
 
+def check_spread(plan: RunPlan, world: int) -> None:
+    """Whether the run's experts can be shared over ``world`` ranks (one line if not)."""
+    if world <= 1:
+        return
+    if plan.members or not EXPERTS.get(plan.method).spreads:
+        raise ConfigError(f"--expert {plan.method} cannot run its experts on ranks yet (dm, idm, idc and random can): "
+                          f"run it in one process")
+    if plan.noe % world:
+        raise ConfigError(f"{world} ranks do not divide NoE={plan.noe}: use a number of ranks that divides the experts")
+
+
+def rank_block(noe: int, ranks: Ranks | None) -> tuple[int, ...] | None:
+    """The experts of this rank: the rank-th of ``world`` contiguous blocks (None: all, one process)."""
+    if ranks is None:
+        return None
+    per = noe // ranks.world
+    return tuple(range(ranks.rank * per, (ranks.rank + 1) * per))
+
+
 def build_method(name: str, params: Params, prepared: Prepared, partition: Partition, device: torch.device,
-                 trajectories: Any = None, plan: RunPlan | None = None) -> ExpertMethod:
+                 trajectories: Any = None, plan: RunPlan | None = None,
+                 local: tuple[int, ...] | None = None) -> ExpertMethod:
     """Construct the experts of method ``name`` on ``partition`` (no optimisation yet); validates
-    first unless given the run's ``plan``."""
+    first unless given the run's ``plan``. ``local``: the experts this process optimises (a
+    rank's block, :func:`rank_block`; None = all)."""
     plan = plan or plan_run(name, params, prepared, partition, device, trajectories)
     images = prepared.train_images.to(device)
     labels = prepared.train_labels.to(device)
@@ -166,6 +194,7 @@ def build_method(name: str, params: Params, prepared: Prepared, partition: Parti
             num_classes=prepared.num_classes, ipc=plan.ipc, mean=prepared.mean, std=prepared.std,
             device=device, net=params.distill.net, dcor_weight=params.distill.dcor_weight,
             dcor_estimator=params.distill.dcor_estimator, seed=seed, trajectories=teachers,
+            local=local if len(shards) == partition.noe else None,
         )
 
     ctx = context(list(range(partition.noe)), params.distill.seed, trajectories)
@@ -191,13 +220,13 @@ def fingerprint(plan: RunPlan, params: Params, prepared: Prepared, partition: Pa
     In: the method and its effective config (preset applied), the distill settings (budget, seed,
     net, dcor weight), the prepared data and partition digests (so data, partition seed and NoE)
     and the teachers' meta (MTT). Out: what only changes speed or bookkeeping (the device,
-    ``checkpoint_every``, ``log_every``, :data:`SPEED_ONLY`). The code version is not in: a
+    ``checkpoint_every``, ``log_every``, ``nproc``, :data:`SPEED_ONLY`). The code version is not in: a
     checkpoint survives code changes, as a resumed run is expected to.
     """
     cfg = plan.config.model_dump(exclude=set(SPEED_ONLY))
     if plan.members:
         cfg["members"] = [{k: v for k, v in m.items() if k not in SPEED_ONLY} for m in cfg["members"]]
-    d = params.distill.model_dump(exclude={"device", "checkpoint_every", "log_every"})
+    d = params.distill.model_dump(exclude={"device", "checkpoint_every", "log_every", "nproc"})
     teachers = trajectories.meta if trajectories is not None else None
     blob = json.dumps([plan.method, cfg, d, prepared.digest, partition.digest, teachers], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -211,9 +240,58 @@ def start_images(method: ExpertMethod) -> Tensor:
     return syn
 
 
+class FileCheckpoint:
+    """The checkpoint of a one-process run: one file, replaced atomically at every save."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self, device: torch.device) -> dict[str, Any] | None:
+        return torch.load(self.path, map_location=device, weights_only=True) if self.path.exists() else None
+
+    def save(self, state: dict[str, Any], iteration: int) -> None:
+        save_torch(state, self.path)  # atomic: a kill never leaves a half-written checkpoint
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class RankCheckpoints:
+    """One rank's checkpoints of its experts: a file per saved iteration, the older one deleted
+    only after every rank has written the newer (a barrier). A kill at any moment thus leaves an
+    iteration that every rank holds, and each resumes from the newest such one."""
+
+    def __init__(self, stem: Path, ranks: Ranks) -> None:
+        self.stem = stem.with_name(f"{stem.name}-rank{ranks.rank}of{ranks.world}")
+
+    def _path(self, iteration: int) -> Path:
+        return self.stem.with_name(f"{self.stem.name}-it{iteration}.pt")
+
+    def _saved(self) -> list[int]:
+        prefix = f"{self.stem.name}-it"
+        return sorted(int(p.name[len(prefix):-3]) for p in self.stem.parent.glob(f"{prefix}*.pt"))
+
+    def load(self, device: torch.device) -> dict[str, Any] | None:
+        common = set.intersection(*(set(s) for s in gather(self._saved())))
+        if not common:
+            return None
+        return torch.load(self._path(max(common)), map_location=device, weights_only=True)
+
+    def save(self, state: dict[str, Any], iteration: int) -> None:
+        save_torch(state, self._path(iteration))
+        barrier()  # every rank holds `iteration` now: the older files can go
+        for old in self._saved():
+            if old < iteration:
+                self._path(old).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        for it in self._saved():
+            self._path(it).unlink(missing_ok=True)
+
+
 def optimise(
     method: ExpertMethod,
-    checkpoint: Path | None = None,
+    checkpoint: FileCheckpoint | RankCheckpoints | None = None,
     fp: str = "",
     checkpoint_every: int = 100,
     log_every: int = 10,
@@ -222,14 +300,15 @@ def optimise(
     """Run the method's iterations with periodic checkpoints.
 
     Returns:
-        (final images (NoE, C·IPC, ...), metric history, iteration resumed from).
+        (final images (noe, C·IPC, ...), metric history, iteration resumed from).
     """
     syn = start_images(method)
     start, history = 0, []
-    if checkpoint is not None and checkpoint.exists():
-        ck = torch.load(checkpoint, map_location=syn.device, weights_only=True)
+    ck = checkpoint.load(syn.device) if checkpoint is not None else None
+    if ck is not None:
         if ck["fingerprint"] != fp:
-            raise CheckpointMismatch(f"checkpoint {checkpoint} belongs to other inputs; delete it to start afresh")
+            raise CheckpointMismatch(f"the checkpoint {_stem(checkpoint)} belongs to other inputs; delete it to "
+                                     f"start afresh")
         with torch.no_grad():
             syn.copy_(ck["syn"])
         method.load_state_dict(ck["method"])
@@ -252,11 +331,35 @@ def optimise(
             flush(done)
         if checkpoint is not None and done % checkpoint_every == 0 and done < total:
             flush(done)
-            save_torch({
+            checkpoint.save({
                 "fingerprint": fp, "iteration": done, "syn": syn.detach(),
                 "method": method.state_dict(), "history": history,
-            }, checkpoint)  # atomic: a kill never leaves a half-written checkpoint
+            }, done)
     return syn.detach(), history, start
+
+
+def _stem(store: FileCheckpoint | RankCheckpoints) -> Path:
+    return store.path if isinstance(store, FileCheckpoint) else store.stem
+
+
+SUMMED = ("loss", "match", "ce")
+"""Metric keys (and prefixes: ``match_c{class}``) that are sums over the experts: on ranks, the
+sum of the ranks' values. ``match_e{k}`` is renumbered to the run's expert; any other key (dCor,
+the shared networks' accuracy, the queue size) is the same on every rank and taken from rank 0."""
+
+
+def merge_rows(per_rank: list[list[dict[str, float]]], blocks: list[tuple[int, ...]]) -> list[dict[str, float]]:
+    """The ranks' metric rows of the same iterations, as the rows of the one-process run."""
+    out = []
+    for rows in zip(*per_rank, strict=True):
+        row = {k: v for k, v in rows[0].items() if not k.startswith("match_e")}
+        for key in row:
+            if key.startswith(SUMMED):
+                row[key] = sum(r[key] for r in rows)
+        for r, block in zip(rows, blocks, strict=True):
+            row.update({f"match_e{k}": r[f"match_e{j}"] for j, k in enumerate(block) if f"match_e{j}" in r})
+        out.append(row)
+    return out
 
 
 def run_distillation(
@@ -270,6 +373,7 @@ def run_distillation(
     git_commit: str = "",
     trajectories: Any = None,
     plan: RunPlan | None = None,
+    ranks: Ranks | None = None,
 ) -> DistillResult:
     """Distill ``prepared`` with NoE = ``partition.noe`` experts of method ``name``.
 
@@ -284,15 +388,26 @@ def run_distillation(
         git_commit: recorded in the metadata.
         trajectories: teacher trajectories of the shards (MTT), from ``moedd.trajectories``.
         plan: the run's :func:`plan_run` when the caller validated already (else done here).
+        ranks: the ranks of a ``torchrun`` launch: this process optimises its block of experts,
+            and every rank returns the whole result; ``on_log`` gets the merged rows on rank 0 only.
     """
     t0 = time.perf_counter()
     plan = plan or plan_run(name, params, prepared, partition, device, trajectories)
-    method = build_method(name, params, prepared, partition, device, trajectories, plan)
+    check_spread(plan, ranks.world if ranks else 1)
+    method = build_method(name, params, prepared, partition, device, trajectories, plan,
+                          rank_block(partition.noe, ranks))
     fp = fingerprint(plan, params, prepared, partition, trajectories)
-    ckpt = checkpoint_dir / f"{plan.method}-noe{partition.noe}-{fp}.pt" if checkpoint_dir else None
+    stem = f"{plan.method}-noe{partition.noe}-{fp}"
+    ckpt: FileCheckpoint | RankCheckpoints | None = None
+    if checkpoint_dir is not None:
+        ckpt = RankCheckpoints(checkpoint_dir / stem, ranks) if ranks else FileCheckpoint(checkpoint_dir / f"{stem}.pt")
+    log = _ranked_log(on_log, ranks, partition.noe) if ranks else on_log
     images, history, start = optimise(
-        method, ckpt, fp, params.distill.checkpoint_every, params.distill.log_every, on_log
+        method, ckpt, fp, params.distill.checkpoint_every, params.distill.log_every, log
     )
+    if ranks is not None:  # the run's images and curves, on every rank
+        images = torch.cat(gather(images.cpu()))
+        history = merge_rows(gather(history), _blocks(partition.noe, ranks))
     labels = method.ctx.labels().cpu()
     ipc = plan.ipc
     zca = getattr(method, "zca", None)
@@ -314,5 +429,21 @@ def run_distillation(
         for k, (e, p) in enumerate(zip(experts, plans, strict=True))
     ]
     if ckpt is not None:
-        ckpt.unlink(missing_ok=True)
+        ckpt.clear()
     return DistillResult(images.cpu(), labels, metas, history, start, time.perf_counter() - t0, zca)
+
+
+def _blocks(noe: int, ranks: Ranks) -> list[tuple[int, ...]]:
+    return [rank_block(noe, Ranks(r, ranks.world, 0)) or () for r in range(ranks.world)]
+
+
+def _ranked_log(on_log: LogFn | None, ranks: Ranks, noe: int) -> LogFn:
+    """Every rank sends its rows; rank 0 passes on the run's rows (:func:`merge_rows`)."""
+    blocks = _blocks(noe, ranks)
+
+    def log(done: int, total: int, rows: list[dict[str, float]]) -> None:
+        merged = merge_rows(gather(rows), blocks)
+        if on_log is not None and ranks.main:
+            on_log(done, total, merged)
+
+    return log

@@ -4,7 +4,8 @@
 ``WORLD_SIZE``, ``LOCAL_RANK`` and a rendezvous in the environment (``--nnodes``/``--rdzv-*`` for
 several machines). :func:`ranks_from_env` joins the default process group (gloo on the CPU, NCCL
 with CUDA) and says which rank this process is; without those variables (a plain ``moedd``) it
-returns None and nothing distributed happens. Collectives time out after ``MOEDD_DIST_TIMEOUT``
+returns None and nothing distributed happens. With CUDA, CUDA tensors go through NCCL and
+CPU tensors through gloo (a CPU run on a GPU machine works too). Collectives time out after ``MOEDD_DIST_TIMEOUT``
 seconds (default 1800, gloo's own default), so a dead rank ends the others with an error instead
 of a hang; tests set it short.
 """
@@ -48,7 +49,10 @@ def ranks_from_env() -> Ranks | None:
     if world <= 1:
         return None
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "gloo"
+        if torch.cuda.is_available():  # CUDA tensors through NCCL on this rank's own GPU, CPU ones through gloo
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "cpu:gloo,cuda:nccl"
         timeout = timedelta(seconds=float(os.environ.get("MOEDD_DIST_TIMEOUT", "1800")))
         dist.init_process_group(backend=backend, timeout=timeout)
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -70,7 +74,11 @@ def gather_experts(local: torch.Tensor) -> torch.Tensor:
     """Every rank's experts' features, concatenated in rank order along dim 0, with autograd:
     (k, ...) on each rank -> (world·k, ...). The backward of ``all_gather`` sums, over the ranks,
     the gradients each rank's loss sends to this rank's slice (a reduce-scatter)."""
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(local.contiguous()))
+    with warnings.catch_warnings():  # its suggested replacement is a private module
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(local.contiguous()))
 

@@ -6,6 +6,7 @@ the same kernels in both (a unit is deterministic given its seed and its kernels
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -130,3 +131,211 @@ def test_teachers_on_two_ranks_are_the_one_process_teachers(tmp_path: Path) -> N
             ta, tb = (torch.load(tmp_path / n / f"shard{k}" / f"teacher{i:03d}.pt", weights_only=True)["trajectory"]
                       for n in ("one", "two"))
             assert torch.equal(ta, tb)
+
+
+def _rank_distill(rank: int, world: int, init: str, name: str, overrides: dict, prepared, part, ck: str, out: str) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from moedd.distributed import Ranks
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        r = run_distillation(name, tiny_params(**overrides), prepared, part, torch.device("cpu"),
+                             checkpoint_dir=Path(ck), ranks=Ranks(rank, world, 0))
+        torch.save({"images": r.images, "history": r.history}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _one_and_two(name: str, overrides: dict, prepared, tmp_path: Path):
+    """The one-process run (one thread) and the two-rank run (one thread per rank) of 2 experts."""
+    import torch.multiprocessing as mp
+
+    part = make_partition(prepared.train_labels, prepared.num_classes, 2, 0, prepared.digest)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernels of a rank
+    try:
+        one = run_distillation(name, tiny_params(**overrides), prepared, part, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.start_processes(_rank_distill, args=(2, init, name, overrides, prepared, part, str(tmp_path / "ck"),
+                                            str(tmp_path / "r")), nprocs=2, start_method="spawn")
+    two = [torch.load(f"{tmp_path / 'r'}.{rank}", weights_only=False) for rank in (0, 1)]
+    return one, two
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("dm", {"distill.budget": 8, "distill.dcor_weight": 0.5, "experts.dm.iterations": 4}),
+    # IDC's grouped pass (its default) convolves NoE·classes groups at once: a rank's half as many
+    # groups get other kernels, so other summation orders (the sets then differ by rounding:
+    # docs/design.md §11); class by class, every kernel is the one-process kernel
+    ("idc", {"distill.budget": 8, "distill.dcor_weight": 0.5, "experts.idc.match_pass": "per_class"}),
+    ("idm", {"distill.budget": 8, "distill.dcor_weight": 0.5, "experts.idm.iterations": 3}),
+])
+def test_experts_on_two_ranks_give_the_one_process_set(name: str, overrides: dict, tiny_prepared, tmp_path: Path) -> None:
+    """NoE=2 with one expert per rank (gloo): each rank draws exactly its expert's random numbers of
+    the one-process run, the diversity term spans the ranks (each rank's gradient from it is the
+    joint one bit for bit: two equal halves summed), and an expert's own loss never mixes the
+    two experts' numbers. Both ranks end with the one-process images, bit for bit; the merged
+    curves carry the same keys, each expert's loss equal, sums over experts within rounding."""
+    one, two = _one_and_two(name, overrides, tiny_prepared, tmp_path)
+    for got in two:
+        assert torch.equal(got["images"], one.images)
+        assert len(got["history"]) == len(one.history)
+        for a, b in zip(one.history, got["history"], strict=True):
+            assert a.keys() == b.keys()
+            assert all(a[k] == b[k] for k in a if k.startswith("match_e") or k == "dcor")
+            assert all(math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-9) for k in a)
+    ck = tmp_path / "ck"
+    assert not ck.exists() or not list(ck.iterdir())  # every rank's checkpoint is gone once the set is made
+
+
+def _worker_pid(marker: str, rank: int) -> int | None:
+    """The pid of the torchrun worker of ``rank`` whose command line holds ``marker``."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and marker in cmd and "moedd.cli" in cmd and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_rank_stops_the_run_and_the_same_command_resumes(tiny_folder: Path, tmp_path: Path) -> None:
+    """`moedd distill --nproc 2` (torchrun, gloo): SIGKILL one rank after the first checkpoint; the
+    launch ends with an error (no hang); the same command resumes from the checkpoint every rank
+    holds and writes the one-process set, bit for bit. Rank 0 alone tracked: one stage run per
+    launch, each expert's child run has one loss per iteration."""
+    import signal
+    import time
+
+    env = _env(tmp_path)
+    moedd = str(BIN / "moedd")
+    prep = tmp_path / "prep"
+    done = subprocess.run([moedd, "prepare", "--out", str(prep), "-S", "data.source=imagefolder", "-S",
+                           f"data.root={tiny_folder}", "-S", "data.download=false"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    iters = 60
+    args = ["distill", "--expert", "dm", "--noe", "2", "--prepared", str(prep), "--device", "cpu",
+            "-S", "distill.budget=8", "-S", f"experts.dm.iterations={iters}", "-S", "experts.dm.batch_real=8",
+            "-S", "distill.checkpoint_every=2", "-S", "distill.log_every=1"]
+    one = subprocess.run([moedd, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = [moedd, *args, "--nproc", "2", "--out", str(tmp_path / "two"), "--metrics", str(tmp_path / "two.json")]
+    first = subprocess.Popen(two, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ck = tmp_path / "ck"
+    deadline = time.monotonic() + 300
+    while not list(ck.glob("*rank1of2-it*.pt")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pid = _worker_pid(str(tmp_path / "two"), 1)
+    assert pid is not None and first.poll() is None, "the run ended before a rank could be killed"
+    os.kill(pid, signal.SIGKILL)
+    out, _ = first.communicate(timeout=240)  # torchrun stops the other rank: no hang
+    assert first.returncode != 0, out
+    assert list(ck.glob("*rank0of2-it*.pt")) and list(ck.glob("*rank1of2-it*.pt"))
+    again = subprocess.run(two, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads((tmp_path / "two.json").read_text())["resumed_from"] > 0
+    for k in (0, 1):
+        a, b = (torch.load(tmp_path / n / f"expert-{k}.pt", weights_only=True)["images"] for n in ("one", "two"))
+        assert torch.equal(a, b)
+    assert not list(ck.glob("*.pt"))
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["moedd"], output_format="list")
+    stages = [x for x in runs if x.info.run_name.startswith("distill ")]
+    assert len(stages) == 3  # one process, the killed launch, the resumed launch: never one per rank
+    last = max(stages, key=lambda x: x.info.start_time)
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == last.info.run_id]
+    assert sorted(x.info.run_name for x in children) == ["expert 0", "expert 1"]
+    client = mlflow.MlflowClient()
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+        assert sorted(steps) == list(range(iters))  # the curve so far, then the rest: each step once
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mlflow_server(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` (SQLite backend, proxied artifacts) on a free loopback port."""
+    import time
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, "mlflow server exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
+        time.sleep(0.5)
+
+
+def test_two_nodes_on_loopback_distill_the_one_process_set_and_log_to_an_mlflow_server(
+        tiny_folder: Path, tmp_path: Path) -> None:
+    """Two torchrun launches with `--nnodes 2` and a c10d rendezvous on 127.0.0.1 (two "machines",
+    one rank each) distill the one-process set bit for bit; both track to a real `mlflow server`,
+    where the launch has one stage run (rank 0's) with each expert's child run and curve."""
+    import signal
+
+    env = _env(tmp_path)
+    server, uri = _mlflow_server(tmp_path, env)
+    env["MLFLOW_TRACKING_URI"] = uri
+    try:
+        moedd = str(BIN / "moedd")
+        prep = tmp_path / "prep"
+        done = subprocess.run([moedd, "prepare", "--out", str(prep), "-S", "data.source=imagefolder", "-S",
+                               f"data.root={tiny_folder}", "-S", "data.download=false"], env=env, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        args = ["distill", "--expert", "dm", "--noe", "2", "--prepared", str(prep), "--device", "cpu",
+                "-S", "distill.budget=8", "-S", "experts.dm.iterations=4", "-S", "experts.dm.batch_real=8"]
+        one = subprocess.run([moedd, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert one.returncode == 0, one.stdout + one.stderr
+        rdzv = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "moedd-test",
+                "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"]
+        nodes = [subprocess.Popen([str(BIN / "torchrun"), *rdzv, "-m", "moedd.cli", *args, "--out", str(tmp_path / "two")],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        outs = [n.communicate(timeout=600)[0] for n in nodes]
+        assert [n.returncode for n in nodes] == [0, 0], outs
+        for k in (0, 1):
+            a, b = (torch.load(tmp_path / n / f"expert-{k}.pt", weights_only=True)["images"] for n in ("one", "two"))
+            assert torch.equal(a, b)
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        runs = mlflow.search_runs(experiment_names=["moedd"], output_format="list")
+        stages = sorted((x for x in runs if x.info.run_name.startswith("distill ")), key=lambda x: x.info.start_time)
+        assert len(stages) == 2 and all(s.info.status == "FINISHED" for s in stages)  # one process; two nodes, once
+        children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == stages[1].info.run_id]
+        assert sorted(x.info.run_name for x in children) == ["expert 0", "expert 1"]
+        client = mlflow.MlflowClient()
+        for child in children:
+            assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [0, 1, 2, 3]
+            assert client.list_artifacts(child.info.run_id)  # its image grid went through the server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

@@ -66,7 +66,7 @@ def test_dm_siamese_augmentation_is_shared_between_real_and_synthetic(tiny_prepa
     m, _ = _method(tiny_prepared, "dm", noe=1, **{"experts.dm.batch_real": 2, "distill.budget": 2})
     net = torch.nn.Identity()
     net.embed = lambda x: x.flatten(1)  # type: ignore[attr-defined]
-    real, n = m.ctx.sample_real(0, 2, m.ctx.generator(0))
+    ((real, n),) = m.ctx.sample_real_each(2, m.ctx.generator(0))
     f_real, f_syn = siamese_features(net, m.dsa, m.ctx, real, n, real.clone(), n, m.ctx.generator(5, 2))
     assert torch.allclose(f_real, f_syn, atol=1e-6)
 

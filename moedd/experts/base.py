@@ -9,6 +9,12 @@ pushes their representations apart (:meth:`DistillContext.diversity`). Labels ar
 Randomness: everything random in iteration ``it`` derives from ``(seed, it)`` through
 :meth:`DistillContext.generator` and :meth:`DistillContext.seed_for`, so a resumed run replays
 exactly the same draws as an uninterrupted one without saving any RNG state.
+
+Experts on ranks (``torchrun``, ``moedd.distributed``): a process may optimise only some of the
+run's experts (``DistillContext.local``, a contiguous block). It still draws every expert's random
+numbers in expert order (the draws of the others are cheap index keys, thrown away), so each
+expert gets exactly the draws it gets in the one-process run; only its own experts' images are
+gathered and embedded. The diversity term then spans the ranks (:meth:`DistillContext.diversity`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from torch import Tensor
 from moedd.device import memory_format_for
 from moedd.nets import create_net
 from moedd.precision import at_least_float32
-from moedd.moe import diversity_term
+from moedd.moe import diversity_term, ranked_diversity_term
 from moedd.registry import Registry
 
 
@@ -35,8 +41,10 @@ class DistillContext:
     """Everything an expert method needs, passed explicitly (no globals).
 
     Attributes:
-        shard_images: per expert, uint8 images (N_k, ch, H, W) of its shard, on ``device``.
-        shard_labels: per expert, int64 labels (N_k,), on ``device``.
+        shard_images: per expert of the run, uint8 images (N_k, ch, H, W) of its shard, on
+            ``device`` (all of them also on a rank: IDC's and IDM's shared networks train on
+            their union).
+        shard_labels: per expert of the run, int64 labels (N_k,), on ``device``.
         num_classes: number of classes C.
         ipc: synthetic images per class per expert.
         mean, std: per-channel normalisation (tuples) of the prepared training set.
@@ -46,6 +54,8 @@ class DistillContext:
         dcor_estimator: which dCor² it minimises (``moedd.moe.dcor.ESTIMATORS``).
         seed: base seed of the run.
         trajectories: teacher trajectories (MTT), or None.
+        local: the experts this process optimises (a contiguous block of ``range(total_noe)``,
+            one rank's share under ``torchrun``); None = all of them.
     """
 
     shard_images: list[Tensor]
@@ -61,19 +71,38 @@ class DistillContext:
     seed: int = 0
     trajectories: Any = None
     """Teacher trajectories of the experts' shards (``moedd.trajectories``; MTT only)."""
+    local: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         c = len(self.mean)
         self._mean = torch.tensor(self.mean, device=self.device).view(1, c, 1, 1)
         self._std = torch.tensor(self.std, device=self.device).view(1, c, 1, 1)
-        # per expert: (C, m_k) table of shard-local indices of each class, padded with -1
+        # per expert of the run: (C, m_k) table of shard-local indices of each class, padded with -1
         self.class_tables = [self._class_table(y) for y in self.shard_labels]
-        # per expert: its smallest class (host ints, read once here: no device syncs in the loop)
+        # per expert of the run: its smallest class (host ints, read once: no device syncs in the loop)
         self.min_counts = [int((t >= 0).sum(1).min()) for t in self.class_tables]
+        if self.local is not None and list(self.local) != list(range(self.local[0], self.local[0] + len(self.local))):
+            raise ValueError(f"local experts must be a contiguous block, got {self.local}")
+
+    @property
+    def experts(self) -> tuple[int, ...]:
+        """The experts this process optimises (run-wide indices), in order."""
+        return tuple(range(self.total_noe)) if self.local is None else self.local
 
     @property
     def noe(self) -> int:
+        """The experts this process optimises: the first dimension of its ``syn``."""
+        return len(self.experts)
+
+    @property
+    def total_noe(self) -> int:
+        """The experts of the run, on every rank."""
         return len(self.shard_images)
+
+    @property
+    def ranked(self) -> bool:
+        """Whether other processes optimise the run's other experts (the term spans ranks)."""
+        return self.noe < self.total_noe
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -96,19 +125,34 @@ class DistillContext:
         """[0, 1] pixels -> the dataset's normalised space."""
         return (pixels - self._mean) / self._std
 
-    def pixels(self, k: int, idx: Tensor) -> Tensor:
-        """Shard k's images ``idx`` as float pixels in [0, 1]."""
-        return self.shard_images[k][idx].float().div_(255.0)
+    def images(self, j: int) -> Tensor:
+        """The uint8 shard of this process's j-th expert."""
+        return self.shard_images[self.experts[j]]
+
+    def pixels(self, j: int, idx: Tensor) -> Tensor:
+        """This process's j-th expert's shard images ``idx`` as float pixels in [0, 1]."""
+        return self.images(j)[idx].float().div_(255.0)
 
     @property
     def diverse(self) -> bool:
-        """Whether the diversity term is on: a positive weight and more than one expert."""
-        return self.dcor_weight > 0 and self.noe > 1
+        """Whether the diversity term is on: a positive weight and more than one expert in the run."""
+        return self.dcor_weight > 0 and self.total_noe > 1
+
+    @property
+    def dcor_share(self) -> float:
+        """The part of λ this process's loss carries: λ, or λ/world when the experts are on ranks
+        (each rank adds 1/world of the term, so the ranks' losses sum to the run's objective)."""
+        return self.dcor_weight * self.noe / self.total_noe
 
     def diversity(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """MoE-DD's diversity term for ``features`` (NoE, C, n, D): (λ·dCor to add to the
-        objective, dCor detached for logging); zeros when :attr:`diverse` is false."""
-        return diversity_term(features, self.dcor_weight if self.diverse else 0.0, self.dcor_estimator)
+        """MoE-DD's diversity term for this process's experts' ``features`` (noe, C, n, D):
+        (λ·dCor, or its rank's share, to add to the objective; dCor over all the run's experts,
+        detached, for logging); zeros when :attr:`diverse` is false. On ranks the features of
+        every rank are gathered with autograd (``moedd.moe.dcor.ranked_diversity_term``)."""
+        weight = self.dcor_weight if self.diverse else 0.0
+        if self.ranked and weight:
+            return ranked_diversity_term(features, weight, self.dcor_estimator)
+        return diversity_term(features, weight, self.dcor_estimator)
 
     def seed_for(self, it: int, stream: int = 0) -> int:
         """A seed that depends only on (run seed, iteration, stream)."""
@@ -118,27 +162,30 @@ class DistillContext:
         """A fresh generator on the device for iteration ``it``."""
         return torch.Generator(device=self.device).manual_seed(self.seed_for(it, stream))
 
-    def sample_real(self, k: int, per_class: int, gen: torch.Generator) -> tuple[Tensor, int]:
-        """Random real images of expert k's shard, class-major, normalised.
-
-        Draws ``n = min(per_class, smallest class of the shard)`` distinct images per class.
-
-        Returns:
-            images (C·n, ch, H, W) and n.
-        """
-        pick = self.sample_indices(k, per_class, gen)
-        return self.normalize(self.shard_images[k][pick.flatten()]), pick.shape[1]
+    def sample_real_each(self, per_class: int, gen: torch.Generator) -> list[tuple[Tensor, int]]:
+        """Random real images of each of this process's experts' shards, class-major, normalised:
+        per expert, ``n = min(per_class, smallest class of its shard)`` distinct images per class
+        (C·n, ch, H, W) and n. The run's experts draw from ``gen`` in expert order."""
+        picks = self.sample_indices_each(per_class, gen)
+        return [(self.normalize(self.images(j)[p.flatten()]), p.shape[1]) for j, p in enumerate(picks)]
 
     def sample_real_all(self, per_class: int, gen: torch.Generator) -> tuple[Tensor, int]:
-        """:meth:`sample_real` of every expert in turn, cut to the same n per class (shards of very
-        unequal size are equalised to the smallest draw): images (NoE·C·n, ch, H, W) and n."""
+        """:meth:`sample_real_each` concatenated, cut to the same n per class over the run's
+        experts (shards of very unequal size are equalised to the smallest draw): images
+        (noe·C·n, ch, H, W) and n."""
         c = self.num_classes
-        batches = [self.sample_real(k, per_class, gen) for k in range(self.noe)]
-        n = min(m for _, m in batches)
+        batches = self.sample_real_each(per_class, gen)
+        n = min(min(per_class, m) for m in self.min_counts)
         return torch.cat([x if m == n else x.view(c, m, *x.shape[1:])[:, :n].flatten(0, 1) for x, m in batches]), n
 
+    def sample_indices_each(self, per_class: int, gen: torch.Generator, repeat: bool = False) -> list[Tensor]:
+        """:meth:`sample_indices` of this process's experts: every expert of the run draws from
+        ``gen`` in turn, so each gets the draws of the one-process run; the others' are dropped."""
+        draws = [self.sample_indices(k, per_class, gen, repeat) for k in range(self.total_noe)]
+        return [draws[k] for k in self.experts]
+
     def sample_indices(self, k: int, per_class: int, gen: torch.Generator, repeat: bool = False) -> Tensor:
-        """(C, n) shard-local indices of random images of every class of shard k.
+        """(C, n) shard-local indices of random images of every class of the run's expert k's shard.
 
         Without ``repeat``: n = min(per_class, smallest class of the shard), distinct within a
         class. With ``repeat`` (IDC's draws): n = per_class; when that exceeds the smallest class,
@@ -193,6 +240,10 @@ class ExpertMethod(ABC):
     ``grid.baselines`` stages, which declare no plot."""
     space: ClassVar[str] = "normalized"
     decoding: ClassVar[str] = "none"
+    spreads: ClassVar[bool] = False
+    """Whether its experts can run on ranks (``torchrun``; :attr:`DistillContext.local`): the
+    method draws through the context's per-expert helpers and its term through
+    :meth:`DistillContext.diversity`, so each rank replays exactly its experts' one-process run."""
 
     def __init__(self, cfg: BaseModel, ctx: DistillContext) -> None:
         self.cfg, self.ctx = cfg, ctx

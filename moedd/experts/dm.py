@@ -53,6 +53,7 @@ class DistributionMatching(ExpertMethod):
 
     name = "dm"
     config_cls = DMConfig
+    spreads = True
     scales = {"smoke": {"iterations": 3, "batch_real": 8},
               "cpu": {"iterations": 400, "batch_real": 128}}
     cfg: DMConfig
@@ -64,9 +65,9 @@ class DistributionMatching(ExpertMethod):
     def init_images(self) -> Tensor:
         ctx, gen = self.ctx, self.ctx.generator(it=-1)
         if self.cfg.init == "real":
-            return torch.stack([ctx.sample_real(k, ctx.ipc, gen)[0] for k in range(ctx.noe)])
-        shape = (ctx.noe, ctx.num_classes * ctx.ipc, *ctx.image_shape)
-        return torch.randn(shape, generator=gen, device=ctx.device)
+            return torch.stack([x for x, _ in ctx.sample_real_each(ctx.ipc, gen)])
+        shape = (ctx.total_noe, ctx.num_classes * ctx.ipc, *ctx.image_shape)
+        return torch.randn(shape, generator=gen, device=ctx.device)[list(ctx.experts)]
 
     def setup(self, syn: Tensor) -> None:
         self.opt = torch.optim.SGD([syn], lr=self.cfg.lr_img, momentum=self.cfg.momentum)

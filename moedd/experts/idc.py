@@ -304,6 +304,7 @@ class IDC(ExpertMethod):
     """IDC experts: gradient matching of multi-formation synthetic images on a trained network."""
 
     name = "idc"
+    spreads = True
     config_cls = IDCConfig
     scales = {"smoke": {"iterations": 2, "inner_loop": 2, "batch_real": 4, "n_data": 16},
               "cpu": {"iterations": 3}}
@@ -329,7 +330,7 @@ class IDC(ExpertMethod):
         # class ids on the device once: a host list copied per pass would sync a GPU's stream
         self.class_ids = torch.arange(ctx.num_classes, device=ctx.device)
         self.graphs = RunnerSlot(cfg.cuda_graph, lambda syn: StaticInnerSteps(self, syn, capture=True), "IDC")
-        if ctx.noe == 1:
+        if ctx.total_noe == 1:
             self.pool_images, self.pool_labels = ctx.shard_images[0], ctx.shard_labels[0]
         else:  # the shared network trains on the union of the experts' shards
             self.pool_images = torch.cat(ctx.shard_images)
@@ -360,8 +361,7 @@ class IDC(ExpertMethod):
         gen = ctx.generator(it=-1)
         c, ipc, shape = ctx.num_classes, ctx.ipc, ctx.image_shape
         out = []
-        for k in range(ctx.noe):
-            idx = ctx.sample_indices(k, f * f * ipc, gen, repeat=True)  # (C, f²·IPC): class-major
+        for k, idx in enumerate(ctx.sample_indices_each(f * f * ipc, gen, repeat=True)):  # (C, f²·IPC)
             x = ctx.pixels(k, idx.flatten()).view(c, f * f, ipc, *shape)
             if f == 1:
                 out.append(x.flatten(0, 2))
@@ -408,7 +408,7 @@ class IDC(ExpertMethod):
             keep = torch.randperm(m, generator=gen, device=dev)[: cfg.batch_syn_max]
             dec, m = dec.index_select(1, keep), cfg.batch_syn_max
         syn_x = ctx.normalize_pixels(dec.flatten(0, 1))
-        real_x = torch.cat([ctx.normalize(ctx.shard_images[k][i]) for k, i in enumerate(real_idx)])
+        real_x = torch.cat([ctx.normalize(ctx.images(k)[i]) for k, i in enumerate(real_idx)])
         draws = self.match_aug.draw(1, syn_x, gen)  # siamese: real and syn share one draw
         with torch.no_grad():
             real_x = self.match_aug.apply(real_x, real_x.new_zeros(len(real_x), dtype=torch.long), draws, static)
@@ -450,7 +450,7 @@ class IDC(ExpertMethod):
         dev, ipc, noe, cc, shape = ctx.device, ctx.ipc, ctx.noe, len(classes), ctx.image_shape
         n = draws[0].shape[1]
         rows = slice(classes[0], classes[-1] + 1)  # consecutive ids (a host list would be copied to the device)
-        real_x = torch.cat([ctx.normalize(ctx.shard_images[k][d[rows].flatten()]) for k, d in enumerate(draws)])
+        real_x = torch.cat([ctx.normalize(ctx.images(k)[d[rows].flatten()]) for k, d in enumerate(draws)])
         dec = torch.stack([self.decode(syn[:, c * ipc:(c + 1) * ipc]) for c in classes], 1)  # (NoE, cc, m, …)
         m = dec.shape[2]
         if m > cfg.batch_syn_max:  # one sub-sample per class for all experts: rows stay paired for dCor
@@ -484,7 +484,7 @@ class IDC(ExpertMethod):
         """
         ctx, cfg = self.ctx, self.cfg
         n = min(cfg.batch_real, *ctx.min_counts)
-        draws = [ctx.sample_indices(k, n, gen, repeat=True) for k in range(ctx.noe)]
+        draws = ctx.sample_indices_each(n, gen, repeat=True)
         x = self.opt.lookahead().requires_grad_(True)
         want = cfg.match_pass in ("grouped", "auto")
         grouped = GroupedConvNet(net) if want and GroupedConvNet.supports(net) else None
@@ -584,7 +584,7 @@ class IDC(ExpertMethod):
         ctx, cfg = self.ctx, self.cfg
         per_class = per_class / cfg.inner_loop
         dcor = dcor / cfg.inner_loop
-        out = mixture_metrics(per_class.sum(0), dcor, ctx.dcor_weight)
+        out = mixture_metrics(per_class.sum(0), dcor, ctx.dcor_share)
         out["net_acc"] = correct.float() / max(seen, 1)
         # IDC's own diagnostic: the matching loss of every class (summed over experts)
         out.update({f"match_c{c}": v for c, v in enumerate(per_class.sum(1))})

@@ -167,6 +167,7 @@ class IDM(ExpertMethod):
     """IDM experts: distribution matching with partition & expansion, a model queue and class-aware CE."""
 
     name = "idm"
+    spreads = True
     config_cls = IDMConfig
     scales = {"smoke": {"iterations": 2, "batch_real": 4, "trained_bs": 16, "model_train_steps": 1},
               "cpu": {"iterations": 50}}
@@ -185,10 +186,9 @@ class IDM(ExpertMethod):
     def init_images(self) -> Tensor:
         ctx, gen, c, ipc = self.ctx, self.ctx.generator(it=-1), self.ctx.num_classes, self.ctx.ipc
         if self.cfg.factor == 1:
-            return torch.stack([ctx.sample_real(k, ipc, gen)[0] for k in range(ctx.noe)])
+            return torch.stack([x for x, _ in ctx.sample_real_each(ipc, gen)])
         out = []
-        for k in range(ctx.noe):
-            real, n = ctx.sample_real(k, 4 * ipc, gen)
+        for real, n in ctx.sample_real_each(4 * ipc, gen):
             real = real.view(c, n, *ctx.image_shape)
             # 4·IPC distinct images per class when the class is large enough; else distinct
             # within each mosaic (n >= 4) and reused across mosaics

@@ -26,9 +26,10 @@ class RandomReal(ExpertMethod):
     """Random real images of the expert's shard, in normalised space; no optimisation."""
 
     name = "random"
+    spreads = True
     config_cls = RandomConfig
     optimises = False
 
     def init_images(self) -> Tensor:
         gen = self.ctx.generator(it=-1)
-        return torch.stack([self.ctx.sample_real(k, self.ctx.ipc, gen)[0] for k in range(self.ctx.noe)])
+        return torch.stack([x for x, _ in self.ctx.sample_real_each(self.ctx.ipc, gen)])
