@@ -118,6 +118,9 @@ CASES = {
     "IPC above smallest shard class (partition)": ([*PART, "--noe", "2", "-S", "distill.budget=40"],
                                                    "larger than the smallest class"),
     "partition of another NoE": ([*D, "--expert", "dm", "--noe", "1"], "has 2 shards but --noe is 1"),
+    "ranks that do not divide NoE": ([*DM, "--nproc", "3"], "3 ranks do not divide NoE=2"),
+    "a mixture on ranks": ([*D, "--expert", "dm,idm", "--noe", "2", "--nproc", "2"], "cannot run its experts on ranks yet"),
+    "no processes": ([*DM, "--nproc", "0"], "invalid distill.nproc"),
     "trajectories: budget not divisible": (["trajectories", "--noe", "3", "--out", "{cwd}/out"], "not divisible by NoE=3"),
     # values
     "negative iterations": ([*DM, "-S", "experts.dm.iterations=-5"], "invalid experts.dm.iterations"),
