@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -56,28 +55,43 @@ def distill(
         raise ConfigError(f"--plots: {expert} selects real images and has no loss curve to plot")
     if any(k.needs_trajectories for k in kinds) and trajectories is None:
         trajectories = Path(f"data/trajectories/noe{noe}")
-    if params.distill.nproc > 1 and "WORLD_SIZE" not in os.environ:  # checked here, then run by torchrun
-        _inputs(params, name, noe, prepared, partition_path, trajectories, params.distill.nproc)
-        _launch(params.distill.nproc)
+    if params.distill.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
+        _maybe_launch(params, name, noe, prepared, partition_path, trajectories, explicit=nproc is not None)
     _run_distill(params, name, noe, ipc, prepared, partition_path, out, metrics, plots, _checkpoints(checkpoint_dir),
                  trajectories)
 
 
-def _launch(nproc: int) -> None:
-    """Run this same command under ``torchrun --standalone --nproc-per-node nproc`` (this machine)
-    and exit with its status."""
+def _maybe_launch(params: Params, name: str, noe: int, prepared: Path, partition_path: Path | None,
+                  trajectories: Path | None, explicit: bool) -> None:
+    """Check the run for ``distill.nproc`` ranks, then become ``torchrun --standalone
+    --nproc-per-node N`` running this same command (the ranks see ``LOCAL_RANK`` and do not launch
+    again). A run that cannot be spread fails in one line when --nproc asked for it; with the value
+    from params.yaml (one setting for every distill stage of the grid) it runs in one process."""
+    from moedd.distill import SpreadError
+
+    n = params.distill.nproc
+    try:
+        _inputs(params, name, noe, prepared, partition_path, trajectories, n)
+    except SpreadError as err:
+        if explicit:
+            raise
+        console.log(f"distill.nproc={n}: {err}; running in one process")
+        return
+    env = dict(os.environ)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // n)))  # torchrun would give each rank 1 thread
     argv, skip = [], False
-    for arg in sys.argv[1:]:  # this command without --nproc (the ranks must not launch again)
-        if skip or arg.startswith("--nproc="):
+    for arg in sys.argv[1:]:  # torchrun would read --nproc as its own --nproc-per-node: say it with -S
+        if not skip and not arg.startswith("--nproc="):
+            skip = arg == "--nproc"
+            argv += [] if skip else [arg]
+        else:
             skip = False
-            continue
-        skip = arg == "--nproc"
-        if not skip:
-            argv.append(arg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "moedd.cli",
-           *argv]
-    console.log(f"launching {nproc} ranks: {' '.join(cmd[1:])}")
-    raise typer.Exit(subprocess.run(cmd).returncode)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "moedd.cli",
+           *argv, "-S", f"distill.nproc={n}"]
+    console.log(f"launching {n} ranks ({env['OMP_NUM_THREADS']} threads each): {' '.join(cmd[1:])}")
+    sys.stdout.flush()
+    os.execve(sys.executable, cmd, env)  # signals reach torchrun, which stops its ranks
 
 
 def _inputs(params: Params, expert: str, noe: int, prepared: Path, partition_path: Path | None,
@@ -133,7 +147,7 @@ def _run_distill(
             return
     target = out or Path(f"data/synthetic/{expert}-noe{noe}")
     stage_params = {"expert": expert, "noe": noe, "ipc": ipc, "budget": params.distill.budget, "device": str(device),
-                    "scale": params.scale,
+                    "scale": params.scale, "ranks": ranks.world if ranks else 1,
                     **flatten(params.distill, "distill."), "preset": plan.preset_label,
                     **{k: v for m, c in plan.sections.items() for k, v in flatten(c, f"experts.{m}.").items()}}
     cell = cell_tags(expert, params.distill.budget, ipc, noe, prep.name, prep.paper)

@@ -173,7 +173,9 @@ class DistillConfig(Section):
     log_every: int = Field(10, ge=1)
     nproc: int = Field(1, ge=1)
     """Processes ``moedd distill`` launches (through ``torchrun``, one machine), each optimising
-    NoE/nproc experts on its own device; 1 = one process. Speed only: the images are the same."""
+    NoE/nproc experts on its own device; 1 = one process. The images are the one-process images
+    (bit for bit, except IDC's grouped pass: rounding). A run that cannot be spread (another
+    method, NoE not a multiple) runs in one process with a note; ``--nproc`` makes that an error."""
 
     @field_validator("net")
     @classmethod

@@ -62,6 +62,10 @@ class CheckpointMismatch(ConfigError):
     """A checkpoint exists but was written for other inputs."""
 
 
+class SpreadError(ConfigError):
+    """The run's experts cannot be shared over the ranks asked for."""
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """One distill run, validated and resolved once (:func:`plan_run`)."""
@@ -162,10 +166,10 @@ def check_spread(plan: RunPlan, world: int) -> None:
     if world <= 1:
         return
     if plan.members or not EXPERTS.get(plan.method).spreads:
-        raise ConfigError(f"--expert {plan.method} cannot run its experts on ranks yet (dm, idm, idc and random can): "
+        raise SpreadError(f"--expert {plan.method} cannot run its experts on ranks yet (dm, idm, idc and random can): "
                           f"run it in one process")
     if plan.noe % world:
-        raise ConfigError(f"{world} ranks do not divide NoE={plan.noe}: use a number of ranks that divides the experts")
+        raise SpreadError(f"{world} ranks do not divide NoE={plan.noe}: use a number of ranks that divides the experts")
 
 
 def rank_block(noe: int, ranks: Ranks | None) -> tuple[int, ...] | None:
@@ -394,6 +398,12 @@ def run_distillation(
     t0 = time.perf_counter()
     plan = plan or plan_run(name, params, prepared, partition, device, trajectories)
     check_spread(plan, ranks.world if ranks else 1)
+    if ranks is not None and device.type == "cuda":
+        # every rank trains its own copy of the shared networks (IDC's, IDM's queue): the same
+        # kernels on every rank keep the copies equal (cuDNN's autotuning and its nondeterministic
+        # backward could let them drift apart)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     method = build_method(name, params, prepared, partition, device, trajectories, plan,
                           rank_block(partition.noe, ranks))
     fp = fingerprint(plan, params, prepared, partition, trajectories)

@@ -5,7 +5,7 @@
 several machines). :func:`ranks_from_env` joins the default process group (gloo on the CPU, NCCL
 with CUDA) and says which rank this process is; without those variables (a plain ``moedd``) it
 returns None and nothing distributed happens. With CUDA, CUDA tensors go through NCCL and
-CPU tensors through gloo (a CPU run on a GPU machine works too). Collectives time out after ``MOEDD_DIST_TIMEOUT``
+CPU tensors through gloo (a CPU run on a GPU machine works too, with any number of ranks). Collectives time out after ``MOEDD_DIST_TIMEOUT``
 seconds (default 1800, gloo's own default), so a dead rank ends the others with an error instead
 of a hang; tests set it short.
 """
@@ -51,7 +51,9 @@ def ranks_from_env() -> Ranks | None:
     if not dist.is_initialized():
         backend = "gloo"
         if torch.cuda.is_available():  # CUDA tensors through NCCL on this rank's own GPU, CPU ones through gloo
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local < torch.cuda.device_count():  # a CPU run may have more ranks than the machine has GPUs
+                torch.cuda.set_device(local)
             backend = "cpu:gloo,cuda:nccl"
         timeout = timedelta(seconds=float(os.environ.get("MOEDD_DIST_TIMEOUT", "1800")))
         dist.init_process_group(backend=backend, timeout=timeout)

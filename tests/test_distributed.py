@@ -339,3 +339,22 @@ def test_two_nodes_on_loopback_distill_the_one_process_set_and_log_to_an_mlflow_
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+def test_distill_nproc_from_params_runs_a_run_it_cannot_spread_in_one_process(tiny_folder: Path, tmp_path: Path) -> None:
+    """`distill.nproc` is one setting for every distill stage of a grid: NoE=1 (nothing to share)
+    runs in one process with a note, and writes its set; `--nproc` for the same run is an error."""
+    env = _env(tmp_path)
+    moedd = str(BIN / "moedd")
+    prep = tmp_path / "prep"
+    done = subprocess.run([moedd, "prepare", "--out", str(prep), "-S", "data.source=imagefolder", "-S",
+                           f"data.root={tiny_folder}", "-S", "data.download=false"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    args = ["distill", "--expert", "dm", "--noe", "1", "--prepared", str(prep), "--device", "cpu", "-S", "distill.budget=4",
+            "-S", "experts.dm.iterations=2", "-S", "experts.dm.batch_real=8", "--out", str(tmp_path / "set")]
+    quiet = subprocess.run([moedd, *args, "-S", "distill.nproc=2"], env=env, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    assert "2 ranks do not divide NoE=1" in quiet.stdout and "running in one process" in quiet.stdout
+    assert (tmp_path / "set" / "expert-0.pt").exists()
+    loud = subprocess.run([moedd, *args, "--nproc", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert loud.returncode == 1 and "2 ranks do not divide NoE=1" in loud.stdout + loud.stderr

@@ -142,7 +142,7 @@ class DistillContext:
     def dcor_share(self) -> float:
         """The part of λ this process's loss carries: λ, or λ/world when the experts are on ranks
         (each rank adds 1/world of the term, so the ranks' losses sum to the run's objective)."""
-        return self.dcor_weight * self.noe / self.total_noe
+        return self.dcor_weight * self.noe / self.total_noe if self.ranked else self.dcor_weight
 
     def diversity(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """MoE-DD's diversity term for this process's experts' ``features`` (noe, C, n, D):

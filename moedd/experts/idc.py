@@ -329,7 +329,10 @@ class IDC(ExpertMethod):
         self.net_aug = IDCAugment(cfg.net_dsa_strategy)
         # class ids on the device once: a host list copied per pass would sync a GPU's stream
         self.class_ids = torch.arange(ctx.num_classes, device=ctx.device)
-        self.graphs = RunnerSlot(cfg.cuda_graph, lambda syn: StaticInnerSteps(self, syn, capture=True), "IDC")
+        # not on ranks: a capture that fails on one rank only would leave the ranks running
+        # different numbers of collectives (eager there, replays elsewhere)
+        self.graphs = RunnerSlot(cfg.cuda_graph and not ctx.ranked,
+                                 lambda syn: StaticInnerSteps(self, syn, capture=True), "IDC")
         if ctx.total_noe == 1:
             self.pool_images, self.pool_labels = ctx.shard_images[0], ctx.shard_labels[0]
         else:  # the shared network trains on the union of the experts' shards
