@@ -220,11 +220,13 @@ def test_batch_size() -> int:
 
 
 def bench_test(data: Data, device: torch.device, U: types.ModuleType | None, nets: list[str], n_images: int,
-               reps: int, goal: float) -> list[Row]:
+               reps: int, goal: float, bf16: bool = False) -> list[Row]:
     """Test pass: ``test_accuracy`` (batch = evaluate.test_batch_size) vs reference ``epoch('test')`` (batch 256).
 
     Measured on the first ``n_images`` test images and reported as seconds per 10,000 images
-    (time is linear in the number of images). Warm-up: one pass over 256 images per side.
+    (time is linear in the number of images). Warm-up: one pass over 256 images per side. With
+    ``bf16``, a second row per network: ours under bf16 autocast (``evaluate.test_precision:
+    bf16``) against the same fp32 reference passes, timed in the same alternation.
     """
     rows = []
     batch = test_batch_size()
@@ -239,23 +241,33 @@ def bench_test(data: Data, device: torch.device, U: types.ModuleType | None, net
         log(f"test pass, {name}")
         label = "test pass 10k img" + ("" if n_images == NUM_TEST else f" (from {n_images})")
         row = Row("test", f"{label}, {name}", "s", goal=goal)
+        half = Row("test", f"{label}, {name}, bf16 autocast", "s", goal=goal) if bf16 else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             net = create_net(name, NUM_CLASSES).to(device, memory_format=torch.channels_last)
         test_accuracy(net, x[:256], y[:256], batch_size=batch)  # warm-up
+        if half is not None:
+            test_accuracy(net, x[:256], y[:256], batch_size=batch, dtype=torch.bfloat16)
         ref_net = None
         if U is not None:
             ref_net = U.get_network(NETS[name], SHAPE[0], NUM_CLASSES, SHAPE[1:]).to(device)
             ref_test_pass(U, ref_net, warm_loader, device)
         for _ in range(reps):
             row.ours_samples.append(timed(lambda: test_accuracy(net, x, y, batch_size=batch), device) * scale)
+            if half is not None:
+                half.ours_samples.append(timed(lambda: test_accuracy(net, x, y, batch_size=batch, dtype=torch.bfloat16),
+                                               device) * scale)
             if ref_net is not None:
                 row.ref_samples.append(timed(lambda: ref_test_pass(U, ref_net, loader, device), device) * scale)
-        row.ours = median(row.ours_samples)
-        if ref_net is not None:
-            row.ref = median(row.ref_samples)
-        log(f"  ours {row.ours:.2f}s" + (f", reference {row.ref:.2f}s" if row.ref else "") + " per 10k")
-        rows.append(row)
+        for r in (row, half):
+            if r is None:
+                continue
+            r.ours = median(r.ours_samples)
+            if ref_net is not None:
+                r.ref_samples = list(row.ref_samples)
+                r.ref = median(r.ref_samples)
+            log(f"  {r.what}: ours {r.ours:.2f}s" + (f", reference {r.ref:.2f}s" if r.ref else "") + " per 10k")
+            rows.append(r)
     return rows
 
 

@@ -131,7 +131,8 @@ def _train(b: Bench, goal: float) -> list[Row]:
 
 def _test(b: Bench, goal: float) -> list[Row]:
     s = b.settings
-    return dc.bench_test(b.data(), b.device, b.refs["dc"], list(s.nets), s.test_images, s.test_reps, goal=goal)
+    return dc.bench_test(b.data(), b.device, b.refs["dc"], list(s.nets), s.test_images, s.test_reps, goal=goal,
+                         bf16=s.with_bf16)
 
 
 def _idm(b: Bench, goal: float) -> list[Row]:
