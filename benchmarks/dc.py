@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moedd.device import memory_format_for
 from moedd.evaluate import TrainingSet, test_accuracy, train_network
 from moedd.nets import create_net
 from moedd.params import load_params
@@ -244,7 +245,8 @@ def bench_test(data: Data, device: torch.device, U: types.ModuleType | None, net
         half = Row("test", f"{label}, {name}, bf16 autocast", "s", goal=goal) if bf16 else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            net = create_net(name, NUM_CLASSES).to(device, memory_format=torch.channels_last)
+            net = create_net(name, NUM_CLASSES)
+        net = net.to(device, memory_format=memory_format_for(net, device))  # the layout evaluate_synthetic trains in
         test_accuracy(net, x[:256], y[:256], batch_size=batch)  # warm-up
         if half is not None:
             test_accuracy(net, x[:256], y[:256], batch_size=batch, dtype=torch.bfloat16)
