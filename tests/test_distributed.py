@@ -77,6 +77,7 @@ def _rank_grads(rank: int, world: int, init: str, feats: torch.Tensor, out: str)
         term, dcor = ranked_diversity_term(local, 0.1, "bias_corrected")
         term.backward()
         torch.save({"grad": local.grad, "dcor": dcor}, f"{out}.{rank}")
+        dist.barrier()  # both ranks done talking before either leaves: gloo aborts a rank whose peer left
     finally:
         dist.destroy_process_group()
 
@@ -146,6 +147,7 @@ def _rank_distill(rank: int, world: int, init: str, name: str, overrides: dict, 
         r = run_distillation(name, tiny_params(**overrides), prepared, part, torch.device("cpu"),
                              checkpoint_dir=Path(ck), ranks=Ranks(rank, world, 0))
         torch.save({"images": r.images, "history": r.history}, f"{out}.{rank}")
+        dist.barrier()  # both ranks done talking before either leaves: gloo aborts a rank whose peer left
     finally:
         dist.destroy_process_group()
 
@@ -194,6 +196,15 @@ def test_experts_on_two_ranks_give_the_one_process_set(name: str, overrides: dic
     assert not ck.exists() or not list(ck.iterdir())  # every rank's checkpoint is gone once the set is made
 
 
+def _prepare(folder: Path, tmp_path: Path, env: dict[str, str]) -> Path:
+    """`moedd prepare` of the image folder into tmp_path/prep."""
+    prep = tmp_path / "prep"
+    done = subprocess.run([str(BIN / "moedd"), "prepare", "--out", str(prep), "-S", "data.source=imagefolder", "-S",
+                           f"data.root={folder}", "-S", "data.download=false"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return prep
+
+
 def _worker_pid(marker: str, rank: int) -> int | None:
     """The pid of the torchrun worker of ``rank`` whose command line holds ``marker``."""
     for proc in Path("/proc").iterdir():
@@ -217,10 +228,7 @@ def test_a_killed_rank_stops_the_run_and_the_same_command_resumes(tiny_folder: P
 
     env = _env(tmp_path)
     moedd = str(BIN / "moedd")
-    prep = tmp_path / "prep"
-    done = subprocess.run([moedd, "prepare", "--out", str(prep), "-S", "data.source=imagefolder", "-S",
-                           f"data.root={tiny_folder}", "-S", "data.download=false"], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    prep = _prepare(tiny_folder, tmp_path, env)
     iters = 60
     args = ["distill", "--expert", "dm", "--noe", "2", "--prepared", str(prep), "--device", "cpu",
             "-S", "distill.budget=8", "-S", f"experts.dm.iterations={iters}", "-S", "experts.dm.batch_real=8",
@@ -305,11 +313,7 @@ def test_two_nodes_on_loopback_distill_the_one_process_set_and_log_to_an_mlflow_
     env["MLFLOW_TRACKING_URI"] = uri
     try:
         moedd = str(BIN / "moedd")
-        prep = tmp_path / "prep"
-        done = subprocess.run([moedd, "prepare", "--out", str(prep), "-S", "data.source=imagefolder", "-S",
-                               f"data.root={tiny_folder}", "-S", "data.download=false"], env=env, capture_output=True,
-                              text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
+        prep = _prepare(tiny_folder, tmp_path, env)
         args = ["distill", "--expert", "dm", "--noe", "2", "--prepared", str(prep), "--device", "cpu",
                 "-S", "distill.budget=8", "-S", "experts.dm.iterations=4", "-S", "experts.dm.batch_real=8"]
         one = subprocess.run([moedd, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True,
@@ -346,10 +350,7 @@ def test_distill_nproc_from_params_runs_a_run_it_cannot_spread_in_one_process(ti
     runs in one process with a note, and writes its set; `--nproc` for the same run is an error."""
     env = _env(tmp_path)
     moedd = str(BIN / "moedd")
-    prep = tmp_path / "prep"
-    done = subprocess.run([moedd, "prepare", "--out", str(prep), "-S", "data.source=imagefolder", "-S",
-                           f"data.root={tiny_folder}", "-S", "data.download=false"], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    prep = _prepare(tiny_folder, tmp_path, env)
     args = ["distill", "--expert", "dm", "--noe", "1", "--prepared", str(prep), "--device", "cpu", "-S", "distill.budget=4",
             "-S", "experts.dm.iterations=2", "-S", "experts.dm.batch_real=8", "--out", str(tmp_path / "set")]
     quiet = subprocess.run([moedd, *args, "-S", "distill.nproc=2"], env=env, capture_output=True, text=True, timeout=300)
